@@ -21,8 +21,9 @@ def model_config() -> ml_collections.ConfigDict:
     m.pretrained = ""  # local .pth / .safetensors ImageNet checkpoint; "" trains from scratch
     # Head.
     m.head_channels = 512  # C: 512 or 256 in the paper
+    m.head_mid_channels = 256  # channels of the ConvBNReLU after the HEM unit (256 in the paper)
     m.dropout = 0.1
-    m.aux_head = False  # FCN head on stage 3
+    m.aux_head = False  # FCN head on stage 3 (1024 -> 256 -> classes); training-only extra loss
     m.aux_loss_weight = 0.4
     # HEM unit.
     m.num_bases = 64  # K
@@ -35,7 +36,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.bases_momentum = 0.9
     m.remat = False  # jax.checkpoint around each HEM iteration
     # Normalisation and precision.
-    m.bn_momentum = 0.9  # Flax convention (PyTorch momentum 0.1)
+    m.bn_momentum = 0.9997  # Flax convention: EMANet's BN_MOM = 3e-4 in PyTorch's (1 - m)
     m.bn_epsilon = 1e-5
     m.dtype = "float32"  # compute dtype: float32 | bfloat16; params and statistics stay float32
     return m
@@ -51,9 +52,83 @@ def emanet(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return m
 
 
+def data_config() -> ml_collections.ConfigDict:
+    """The input pipeline: PASCAL VOC 2012 + SBD with EMANet's augmentation."""
+    d = ml_collections.ConfigDict()
+    d.name = "voc2012_aug"  # a TFDS builder of hemnet_jax.data
+    d.data_dir = ""  # TFDS data_dir; "" is TFDS's default (~/tensorflow_datasets)
+    d.manual_dir = ""  # where the downloaded archives are; "" is <data_dir>/downloads/manual
+    d.train_split = ""  # "" is the dataset's training split (train_aug for VOC)
+    d.eval_split = ""  # "" is the dataset's evaluation split (val)
+    d.crop_size = 513
+    d.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+    d.shuffle_buffer = 1024
+    d.eval_pad_size = 513  # whole images padded to this size at evaluation (VOC: at most 500)
+    return d
+
+
+def train_config() -> ml_collections.ConfigDict:
+    """EMANet's recipe: SGD momentum 0.9, lr 0.009, poly 0.9 over 30k steps, batch 16."""
+    t = ml_collections.ConfigDict()
+    t.batch_size = 16  # global, over all devices of all processes
+    t.num_steps = 30_000
+    t.learning_rate = 0.009
+    t.lr_power = 0.9  # poly: lr * (1 - step / num_steps) ** power
+    t.momentum = 0.9
+    t.weight_decay = 1e-4  # not on BatchNorm parameters or biases
+    t.bias_lr_mult = 2.0
+    t.log_every = 20
+    t.eval_every = 2_000  # validation mIoU every N steps (0: only at the end)
+    t.checkpoint_every = 1_000
+    t.keep_checkpoints = 3
+    t.profile = False  # a trace of a few steps into the workdir (TensorBoard's profile tab)
+    t.grad_flow_every = 0  # per-HEM-layer gradient magnitudes every N steps (0: off)
+    return t
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    """Evaluation: whole images, output stride as trained, single scale by default."""
+    e = ml_collections.ConfigDict()
+    e.batch_size = 8  # global
+    e.num_iters = ml_collections.config_dict.placeholder(int)  # T_eval; None: T_train
+    e.num_iters_sweep = ""  # e.g. "1,2,3,4,6,8,12,16": a Table-2-style sweep of T_eval
+    e.multi_scale = False  # multi-scale + flip, averaging softmax probabilities
+    e.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    e.flip = True  # with multi_scale
+    e.max_batches = 0  # evaluate only this many batches (0: the whole split)
+    return e
+
+
 def base_config() -> ml_collections.ConfigDict:
-    """The full schema. Data, training and evaluation sections are filled by `configs/*.py`."""
+    """The full schema with the paper's VOC recipe; `configs/*.py` change values, never keys."""
     config = ml_collections.ConfigDict()
     config.model = model_config()
+    config.data = data_config()
+    config.train = train_config()
+    config.eval = eval_config()
     config.seed = 0
     return config
+
+
+def r50_os16(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ablation setting of the paper's Tables 1-2: ResNet-50 at output stride 16."""
+    config.model.backbone = "resnet50"
+    config.model.output_stride = 16
+    return config
+
+
+def apply_variants(
+    config: ml_collections.ConfigDict, arg: str, variants: dict, source: str
+) -> ml_collections.ConfigDict:
+    """Applies the comma-separated `arg` (the part after ':' of `--config FILE:ARG`), each a
+    name in `variants` mapping to a function of the whole config."""
+    for name in filter(None, (v.strip() for v in arg.split(","))):
+        if name not in variants:
+            raise ValueError(
+                f"Unknown variant {name!r} of {source}; known: {', '.join(sorted(variants))}."
+            )
+        variants[name](config)
+    return config
+
+
+VARIANTS = {"emanet": lambda c: emanet(c.model), "r50_os16": r50_os16}

@@ -1,0 +1,72 @@
+"""Models: the dilated ResNet backbone and HEMNet, built from `config.model`."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from hemnet_jax.hem_unit import HEMUnit
+from hemnet_jax.models.hemnet import HEMNet
+from hemnet_jax.models.resnet import STAGE_SIZES, ResNet
+
+__all__ = ["HEMNet", "ResNet", "create_backbone", "create_model"]
+
+
+def create_backbone(
+    model_config: ml_collections.ConfigDict, *, axis_name: str | None = None
+) -> ResNet:
+    """The ResNet of `model_config` (backbone, stem, output_stride, multi_grid, base_width)."""
+    if model_config.backbone not in STAGE_SIZES:
+        raise ValueError(
+            f"Unknown backbone {model_config.backbone!r}: expected one of {sorted(STAGE_SIZES)}."
+        )
+    return ResNet(
+        stage_sizes=STAGE_SIZES[model_config.backbone],
+        stem=model_config.stem,
+        base_width=model_config.base_width,
+        output_stride=model_config.output_stride,
+        multi_grid=tuple(model_config.multi_grid),
+        bn_momentum=model_config.bn_momentum,
+        bn_epsilon=model_config.bn_epsilon,
+        dtype=jnp.dtype(model_config.dtype),
+        axis_name=axis_name,
+    )
+
+
+def create_model(
+    model_config: ml_collections.ConfigDict, num_classes: int, *, axis_name: str | None = None
+) -> HEMNet:
+    """HEMNet (or EMANet, by its HEM settings) from `config.model`.
+
+    axis_name: only for pmap/shard_map users (BatchNorm statistics and the bases' batch mean
+    averaged over that axis); under jit with a sharded batch leave it None.
+    """
+    dtype = jnp.dtype(model_config.dtype)
+    hem = HEMUnit(
+        num_bases=model_config.num_bases,
+        num_iters=model_config.num_iters,
+        step_size=model_config.step_size,
+        temperature=model_config.temperature,
+        kernel=model_config.kernel,
+        l2_normalize=model_config.l2_normalize,
+        stop_em_gradient=model_config.stop_em_gradient,
+        bases_momentum=model_config.bases_momentum,
+        bn_momentum=model_config.bn_momentum,
+        bn_epsilon=model_config.bn_epsilon,
+        dtype=dtype,
+        axis_name=axis_name,
+        remat=model_config.remat,
+    )
+    return HEMNet(
+        backbone=create_backbone(model_config, axis_name=axis_name),
+        hem=hem,
+        num_classes=num_classes,
+        head_channels=model_config.head_channels,
+        head_mid_channels=model_config.head_mid_channels,
+        dropout_rate=model_config.dropout,
+        aux_head=model_config.aux_head,
+        bn_momentum=model_config.bn_momentum,
+        bn_epsilon=model_config.bn_epsilon,
+        dtype=dtype,
+        axis_name=axis_name,
+    )

@@ -1,0 +1,205 @@
+"""ImageNet ResNet checkpoints (torchvision key names) -> the backbone's params and batch_stats.
+
+Two layouts, chosen by `stem` (config.model.stem):
+  "torchvision": conv1, bn1 (7x7 stem), e.g. torchvision's resnet50-0676ba61.pth / resnet101-*.pth
+                 or timm's resnet50.tv_in1k model.safetensors.
+  "deep":        conv1.0, conv1.1, conv1.3, conv1.4, conv1.6, bn1 (3x3 convs 64-64-128), the
+                 PyTorch-Encoding checkpoints EMANet loads (resnet101-2a57e44d.pth).
+Blocks are layerS.B.{conv1,bn1,conv2,bn2,conv3,bn3,downsample.0,downsample.1} in both.
+
+Files: .safetensors through `safetensors.numpy` (no torch), anything else through `torch.load`
+(imported only then). `python -m hemnet_jax.weights in.pth out.safetensors` converts once on a
+machine with torch. The classifier (fc.*) and num_batches_tracked are ignored; every other
+missing key, unexpected key or shape mismatch is reported in one error.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+Stem = Literal["deep", "torchvision"]
+StateDict = dict[str, np.ndarray]
+
+# Flax stem module -> torchvision-layout module, per stem (hemnet_jax.models.resnet names).
+STEM_NAMES: dict[str, dict[str, str]] = {
+    "torchvision": {"stem_conv1": "conv1", "stem_bn1": "bn1"},
+    "deep": {
+        "stem_conv1": "conv1.0", "stem_bn1": "conv1.1",
+        "stem_conv2": "conv1.3", "stem_bn2": "conv1.4",
+        "stem_conv3": "conv1.6", "stem_bn3": "bn1",
+    },
+}
+BLOCK_NAMES = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+LEAF_NAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+COLLECTIONS = ("params", "batch_stats")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the backbone; lists every problem."""
+
+
+def torch_key(collection: str, path: tuple[str, ...], stem: Stem) -> str:
+    """The torchvision key of a backbone variable, e.g. ("layer1_0", "conv1", "kernel") in
+    "params" -> "layer1.0.conv1.weight"; ("stem_bn3", "mean") in "batch_stats", deep stem ->
+    "bn1.running_mean"."""
+    *modules, leaf = path
+    if modules[0] in STEM_NAMES[stem]:
+        prefix = [STEM_NAMES[stem][modules[0]]]
+    elif modules[0].startswith("layer") and len(modules) == 2:  # layerS_B / module
+        prefix = [modules[0].replace("_", "."), BLOCK_NAMES.get(modules[1], modules[1])]
+    else:
+        raise KeyError(f"No torchvision name for backbone variable {collection}/{'/'.join(path)}.")
+    return ".".join(prefix + [LEAF_NAMES[collection, leaf]])
+
+
+def _to_flax(value: np.ndarray) -> np.ndarray:
+    """Conv weights OIHW -> HWIO; vectors unchanged."""
+    return np.transpose(value, (2, 3, 1, 0)) if value.ndim == 4 else value
+
+
+def _to_torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape)
+
+
+def _ignored(key: str) -> bool:
+    return key.startswith("fc.") or key.endswith("num_batches_tracked")
+
+
+def convert_resnet(
+    state_dict: Mapping[str, np.ndarray],
+    target: Mapping[str, Any],
+    *,
+    stem: Stem,
+    source: str = "state dict",
+) -> dict[str, Any]:
+    """A torchvision-layout ResNet state dict -> {"params", "batch_stats"} of the Flax ResNet.
+
+    Args:
+      state_dict: name -> array (torch layout: conv weights [O, I, kh, kw]).
+      target: the backbone's {"params": ..., "batch_stats": ...}: arrays or ShapeDtypeStructs,
+        giving the structure, shapes and dtypes to produce.
+      stem: "deep" or "torchvision", the checkpoint's (and the model's) stem.
+      source: named in the error message (the file).
+    Returns:
+      {"params": ..., "batch_stats": ...} nested dicts of jnp arrays in the target's dtypes.
+    Raises:
+      CheckpointMismatchError listing all missing keys, unexpected keys and shape mismatches.
+    """
+    if stem not in STEM_NAMES:
+        raise ValueError(f"Unknown stem {stem!r}: expected one of {sorted(STEM_NAMES)}.")
+    converted: dict[str, dict[tuple[str, ...], jnp.ndarray]] = {c: {} for c in COLLECTIONS}
+    missing, mismatched, used = [], [], set()
+    for collection in COLLECTIONS:
+        for path, leaf in traverse_util.flatten_dict(dict(target[collection])).items():
+            key = torch_key(collection, path, stem)
+            if key not in state_dict:
+                missing.append(key)
+                continue
+            used.add(key)
+            value = _to_flax(np.asarray(state_dict[key]))
+            if value.shape != tuple(leaf.shape):
+                mismatched.append(
+                    f"{key}: file {tuple(np.shape(state_dict[key]))}, "
+                    f"model {_to_torch_shape(tuple(leaf.shape))}"
+                )
+                continue
+            converted[collection][path] = jnp.asarray(value, dtype=leaf.dtype)
+    unexpected = sorted(k for k in state_dict if k not in used and not _ignored(k))
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(
+            _mismatch_message(source, stem, state_dict, missing, unexpected, mismatched)
+        )
+    return {c: traverse_util.unflatten_dict(converted[c]) for c in COLLECTIONS}
+
+
+def _mismatch_message(
+    source: str,
+    stem: Stem,
+    state_dict: Mapping[str, np.ndarray],
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[str],
+) -> str:
+    lines = [f"Checkpoint {source} does not fit the ResNet backbone (stem {stem!r}):"]
+    for title, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", mismatched),
+    ):
+        if items:
+            lines.append(f"  {len(items)} {title}:")
+            lines.extend(f"    {item}" for item in items)
+    if stem == "deep" and "conv1.weight" in state_dict:
+        lines.append("  The file has a 7x7 stem (conv1.weight): set model.stem='torchvision'.")
+    if stem == "torchvision" and "conv1.0.weight" in state_dict:
+        lines.append("  The file has a deep stem (conv1.0.weight): set model.stem='deep'.")
+    return "\n".join(lines)
+
+
+def read_state_dict(path: str) -> StateDict:
+    """name -> np.ndarray from a .safetensors file (no torch) or a torch checkpoint (.pth).
+
+    Torch checkpoints may wrap the state dict in {"state_dict": ...} or {"model": ...} and
+    prefix keys with "module." (DataParallel); both are undone.
+    """
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return dict(load_file(path))
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"Reading {path} needs PyTorch (pip install torch, the CPU build is enough), or "
+            "convert it once elsewhere: python -m hemnet_jax.weights IN.pth OUT.safetensors"
+        ) from e
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(checkpoint.get(wrapper), Mapping):
+            checkpoint = checkpoint[wrapper]
+    return {
+        k.removeprefix("module."): v.detach().float().numpy()
+        for k, v in checkpoint.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+def load_pretrained(variables: Mapping[str, Any], path: str, *, stem: Stem) -> dict[str, Any]:
+    """HEMNet variables with the backbone's params and batch_stats read from `path`.
+
+    Everything else (the head, the HEM unit's bases) is returned untouched. Raises
+    CheckpointMismatchError (naming the file) when the checkpoint does not fit.
+    """
+    backbone = {c: variables[c]["backbone"] for c in COLLECTIONS}
+    loaded = convert_resnet(read_state_dict(path), backbone, stem=stem, source=path)
+    out = dict(variables)
+    for c in COLLECTIONS:
+        out[c] = {**variables[c], "backbone": loaded[c]}
+    return out
+
+
+def main(argv: list[str]) -> None:
+    """python -m hemnet_jax.weights IN.pth OUT.safetensors: a torch checkpoint -> safetensors."""
+    if len(argv) != 3:
+        raise SystemExit(f"usage: python -m hemnet_jax.weights IN.pth OUT.safetensors\n{__doc__}")
+    from safetensors.numpy import save_file
+
+    state_dict = {k: np.ascontiguousarray(v) for k, v in read_state_dict(argv[1]).items()}
+    save_file(state_dict, argv[2])
+    print(f"Wrote {len(state_dict)} tensors to {argv[2]}.")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
