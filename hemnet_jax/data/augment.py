@@ -1,0 +1,106 @@
+"""Per-example preprocessing (TensorFlow ops): EMANet's training augmentation, evaluation padding.
+
+Training: random scale from a set (bilinear image, nearest label), pad to the crop (image 0
+after ImageNet normalisation, label 255), random crop, random horizontal flip; all draws from
+stateless random ops, so an example's augmentation is a pure function of its seed.
+"""
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from hemnet_jax.data.classes import IGNORE_LABEL
+from hemnet_jax.data.tf_devices import hide_accelerators_from_tensorflow
+
+hide_accelerators_from_tensorflow()
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB in [0, 1]
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # EMANet's training scales
+
+
+def train_augment(
+    image: tf.Tensor,
+    label: tf.Tensor,
+    seed: tf.Tensor,
+    *,
+    crop_size: tuple[int, int],
+    scales: Sequence[float] = DEFAULT_SCALES,
+    flip: bool = True,
+) -> dict[str, tf.Tensor]:
+    """EMANet's augmentation of one example, a pure function of `seed`.
+
+    Args:
+      image: uint8 [H, W, 3]. label: uint8/int [H, W, 1] or [H, W].
+      seed: int32/int64 [2], for tf.random.stateless_*.
+      crop_size: (height, width) of the output.
+      scales: one drawn uniformly; bilinear resize of the image, nearest of the label.
+      flip: horizontal flip with probability 1/2.
+
+    Returns:
+      {"image": float32 [h, w, 3] ImageNet-normalised, 0 where padded,
+       "label": int32 [h, w], 255 where padded or where the source had 255}.
+    """
+    if label.shape.rank == 2:
+        label = label[..., None]
+    ch, cw = crop_size
+    draws = tf.random.stateless_uniform([4], seed=seed)
+    choice = tf.minimum(tf.cast(draws[0] * len(scales), tf.int32), len(scales) - 1)
+    scale = tf.gather(tf.constant(scales, tf.float32), choice)
+    size = tf.cast(tf.shape(image)[:2], tf.float32)
+    scaled = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
+    image = tf.image.resize(tf.cast(image, tf.float32), scaled, method="bilinear")
+    label = tf.image.resize(tf.cast(label, tf.int32), scaled, method="nearest")
+    image = normalize(image)
+    pad_h, pad_w = tf.maximum(ch - scaled[0], 0), tf.maximum(cw - scaled[1], 0)
+    image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]])  # zeros = the mean colour
+    label = tf.pad(label, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=IGNORE_LABEL)
+    top = tf.cast(draws[1] * tf.cast(scaled[0] + pad_h - ch + 1, tf.float32), tf.int32)
+    left = tf.cast(draws[2] * tf.cast(scaled[1] + pad_w - cw + 1, tf.float32), tf.int32)
+    image = image[top : top + ch, left : left + cw]
+    label = label[top : top + ch, left : left + cw, 0]
+    if flip:
+        flipped = draws[3] < 0.5
+        image = tf.cond(flipped, lambda: image[:, ::-1], lambda: image)
+        label = tf.cond(flipped, lambda: label[:, ::-1], lambda: label)
+    image.set_shape([ch, cw, 3])
+    label.set_shape([ch, cw])
+    return {"image": image, "label": label}
+
+
+def eval_pad(
+    image: tf.Tensor, label: tf.Tensor, example_id: tf.Tensor, *, pad_size: tuple[int, int]
+) -> dict[str, tf.Tensor]:
+    """One whole evaluation image, normalised and padded at the bottom/right to pad_size.
+
+    Args: image uint8 [H, W, 3], label [H, W, 1] or [H, W], example_id string scalar.
+    Returns: {"image": float32 [PH, PW, 3], "label": int32 [PH, PW], "id", "height", "width"}.
+    """
+    if label.shape.rank == 3:
+        label = label[..., 0]
+    ph, pw = pad_size
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    fits = tf.debugging.Assert(
+        (height <= ph) & (width <= pw),
+        [
+            f"An evaluation image is larger than pad_size={pad_size}: set pad_size (e.g. "
+            "config.data.eval_pad_size) to at least its size, or to None for the largest of "
+            "the split. Image id, height, width:",
+            example_id, height, width,
+        ],
+    )  # fmt: skip
+    with tf.control_dependencies([fits]):  # before the pads, which would fail less clearly
+        height, width = tf.identity(height), tf.identity(width)
+    image = tf.pad(normalize(image), [[0, ph - height], [0, pw - width], [0, 0]])
+    label = tf.pad(tf.cast(label, tf.int32), [[0, ph - height], [0, pw - width]],
+                   constant_values=IGNORE_LABEL)  # fmt: skip
+    image.set_shape([ph, pw, 3])
+    label.set_shape([ph, pw])
+    return {"image": image, "label": label, "id": example_id, "height": height, "width": width}
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """RGB in [0, 255] -> ImageNet-normalised float32: (x / 255 - mean) / std."""
+    mean = tf.constant(IMAGENET_MEAN, tf.float32)
+    std = tf.constant(IMAGENET_STD, tf.float32)
+    return (tf.cast(image, tf.float32) / 255.0 - mean) / std

@@ -1,0 +1,58 @@
+"""Build (download_and_prepare) a dataset into data_dir from the archives in manual_dir.
+
+From Python: `prepare_dataset("voc2012_aug", data_dir=D, manual_dir=M)`. From a shell, without
+the apache-beam package that the `tfds` command line needs:
+`python -m hemnet_jax.data.prepare voc2012_aug --manual_dir M [--data_dir D]`.
+
+With several hosts sharing one data_dir, build once beforehand (this command, or `tfds build`):
+concurrent builds of the same dataset into one folder are not coordinated.
+"""
+
+import argparse
+from collections.abc import Sequence
+
+import tensorflow_datasets as tfds
+
+import hemnet_jax.data.builders  # noqa: F401  (registers the builders with TFDS)
+
+
+def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of `name` ("voc2012_aug", "pascal_context/60", ...); "" = default dir."""
+    return tfds.builder(name, data_dir=data_dir or None)
+
+
+def prepare_dataset(
+    name: str, *, data_dir: str | None = None, manual_dir: str | None = None
+) -> tfds.core.DatasetBuilder:
+    """The builder of `name`, built into data_dir first if it is not there yet.
+
+    Args:
+      name: TFDS name, optionally with a config ("synthetic_scenes/tiny").
+      data_dir: TFDS data_dir; None or "" = TFDS's default (~/tensorflow_datasets).
+      manual_dir: the downloads; None or "" = <data_dir>/downloads/manual.
+
+    Raises:
+      sources.MissingDataError / sources.InvalidExampleError: bad or missing downloads.
+    """
+    builder = get_builder(name, data_dir)
+    if not builder.is_prepared():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+        )
+    return builder
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", help='e.g. voc2012_aug, pascal_context/59, "synthetic_scenes"')
+    parser.add_argument("--data_dir", help="TFDS data_dir (default ~/tensorflow_datasets)")
+    parser.add_argument("--manual_dir", help="the downloads (default <data_dir>/downloads/manual)")
+    args = parser.parse_args(argv)
+    builder = prepare_dataset(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir)
+    print(f"{builder.info.full_name} in {builder.data_dir}")
+    for split, info in builder.info.splits.items():
+        print(f"  {split}: {info.num_examples} examples")
+
+
+if __name__ == "__main__":
+    main()
