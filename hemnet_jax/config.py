@@ -99,6 +99,19 @@ def eval_config() -> ml_collections.ConfigDict:
     return e
 
 
+def study_config() -> ml_collections.ConfigDict:
+    """The gradient-flow study of Fig. 3 (`python -m hemnet_jax.studies.gradient_flow`)."""
+    s = ml_collections.ConfigDict()
+    s.num_images = 100  # fixed training crops the gradients are averaged over (paper: 100)
+    s.batch_size = 16  # images per forward/backward pass (the loss is the mean over one batch)
+    s.step_sizes = (0.1, 0.2, 0.4, 0.8, 1.0)  # eta values, each with the same weights
+    s.num_iters = ml_collections.config_dict.placeholder(int)  # T of the study; None: model's
+    s.seed = 0  # which training crops (the training pipeline's stream of this seed)
+    s.train_mode = True  # BatchNorm on batch statistics (+ fixed dropout) as in a training step
+    s.checkpoint_step = ml_collections.config_dict.placeholder(int)  # None: the latest
+    return s
+
+
 def base_config() -> ml_collections.ConfigDict:
     """The full schema with the paper's VOC recipe; `configs/*.py` change values, never keys."""
     config = ml_collections.ConfigDict()
@@ -106,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = data_config()
     config.train = train_config()
     config.eval = eval_config()
+    config.study = study_config()
     config.seed = 0
     return config
 

@@ -1,0 +1,133 @@
+"""Orbax checkpoints of the training state, with the run's model config beside it.
+
+Each step directory holds `state` (params, optimiser state, BatchNorm statistics, HEM bases, step)
+and `meta` (JSON: the model config, dataset, seed). Orbax writes into a temporary directory and
+renames it when complete, so an interrupted save never replaces a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Model keys that do not change what a checkpoint holds or means: a run may differ in them.
+RUNTIME_ONLY_MODEL_KEYS = frozenset({"pretrained", "dtype", "remat", "aux_loss_weight"})
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written by a run with another model or dataset."""
+
+
+def run_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a checkpoint records about the run that wrote it (JSON-serialisable)."""
+    model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.to_dict().items()}
+    return {"model": model, "dataset": config.data.name, "seed": config.seed}
+
+
+def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, where: str) -> None:
+    """Raises CheckpointMismatchError naming every model key (and the dataset) that differs."""
+    current = run_metadata(config)
+    diffs = []
+    for key in sorted(set(saved.get("model", {})) | set(current["model"])):
+        if key in RUNTIME_ONLY_MODEL_KEYS:
+            continue
+        old, new = (
+            saved.get("model", {}).get(key, "<absent>"),
+            current["model"].get(key, "<absent>"),
+        )
+        if old != new:
+            diffs.append(f"  model.{key}: checkpoint {old!r}, config {new!r}")
+    if saved.get("dataset") != current["dataset"]:
+        diffs.append(
+            f"  data.name: checkpoint {saved.get('dataset')!r}, config {current['dataset']!r}"
+        )
+    if diffs:
+        hint = ""
+        if any("num_iters" in d for d in diffs):
+            hint = " (to evaluate with another number of HEM iterations, set eval.num_iters)"
+        raise CheckpointMismatchError(
+            f"The checkpoint {where} was written by another model configuration:\n"
+            + "\n".join(diffs)
+            + f"\nUse the config it was trained with{hint}, or another --workdir/--checkpoint."
+        )
+
+
+class Checkpointer:
+    """A `CheckpointManager` over `<workdir>/checkpoints`: save every N steps, keep the last K,
+    asynchronously."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        every: int = 1,
+        keep: int | None = 3,
+        asynchronous: bool = True,
+        read_only: bool = False,
+    ):
+        # Local paths are made absolute (orbax needs it); gs:// and other URLs stay as given.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                save_interval_steps=max(every, 1),
+                max_to_keep=keep,
+                enable_async_checkpointing=asynchronous,
+                create=not read_only,
+                read_only=read_only,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
+        """Starts saving (in the background) if `step` is on the cadence or `force`."""
+        saved = self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
+        if saved:
+            logging.info("Saving checkpoint of step %d to %s.", step, self.directory)
+        return saved
+
+    def restore(
+        self, abstract_state: Any, config: ml_collections.ConfigDict, step: int | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """Restores `step` (default: the latest) into the shapes and shardings of
+        `abstract_state` after checking the run's metadata against `config`."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+        where = os.path.join(self.directory, str(step))
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        check_compatible(meta["meta"], config, where)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            )
+        except (ValueError, KeyError) as e:
+            raise CheckpointMismatchError(
+                f"The checkpoint {where} does not fit this model's variables: {e}"
+            ) from e
+        return restored["state"], meta["meta"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once a multi-host preemption notice has arrived (JAX's
+        coordination service); always False in a single-process run."""
+        return jax.process_count() > 1 and self._manager.reached_preemption(step)

@@ -1,0 +1,79 @@
+"""Command-line plumbing shared by train.py, eval.py and the library's `python -m` tools.
+
+`--config FILE[:ARG]` loads a config file; `--config.a.b=value` overrides a key. A mistyped key
+ends the program with one line that names it and the keys that do exist there.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging as std_logging
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+from absl import flags
+from absl import logging as absl_logging
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path.py[:arg]` the way `--config` does (get_config(arg))."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_hemnet_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise FileNotFoundError(f"Config file {path!r} not found.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_override(argv: Sequence[str]) -> str | None:
+    """The message for the first `--config.KEY=` override naming a key the config lacks."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None and "--config" in argv:
+        spec = argv[list(argv).index("--config") + 1]
+    if spec is None:
+        return None
+    config = load_config_file(spec)
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config.") :].split("=", 1)[0]
+        node, walked = config, []
+        for part in path.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                close = difflib.get_close_matches(part, known, n=3)
+                where = "config." + ".".join(walked) if walked else "config"
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                return (
+                    f"Unknown config key {path!r} in {arg!r}: {where} has no key {part!r}.{hint}"
+                    f" Known keys there: {', '.join(known)}."
+                )
+            node, walked = node[part], walked + [part]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """`flags_parser` for absl's app.run: parses, or exits with a clear line on a bad override."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, ValueError, TypeError, flags.Error) as e:
+        try:
+            message = unknown_override(argv[1:])
+        except Exception:  # the config file itself is broken: its own error says more
+            message = None
+        print(f"FATAL: {message or f'bad command line: {e}'}", file=sys.stderr)
+        sys.exit(2)
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drops INFO records of orbax's internals so the training log shows the run itself."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    absl_logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -1,0 +1,34 @@
+"""A tiny HEMNet config shared by the tests: the real code paths at toy widths and sizes."""
+
+from hemnet_jax import config as cfg
+
+
+def tiny_config(dataset: str = "synthetic_scenes/tiny"):
+    config = cfg.base_config()
+    m = config.model
+    m.backbone = "resnet_tiny"
+    m.base_width = 4
+    m.output_stride = 8
+    m.head_channels = 16
+    m.head_mid_channels = 16
+    m.num_bases = 8
+    m.num_iters = 2
+    config.data.name = dataset
+    config.data.crop_size = 32
+    config.data.scales = (0.75, 1.0, 1.25)
+    config.data.shuffle_buffer = 64
+    config.data.eval_pad_size = 32
+    t = config.train
+    t.batch_size = 8
+    t.num_steps = 6
+    t.learning_rate = 0.01
+    t.log_every = 2
+    t.eval_every = 0
+    t.checkpoint_every = 3
+    config.eval.batch_size = 8
+    return config
+
+
+def get_config(arg: str = ""):
+    """So that this file is also a config file: `--config tests/tiny.py[:dataset]`."""
+    return tiny_config(arg or "synthetic_scenes/tiny")
