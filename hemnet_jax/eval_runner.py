@@ -1,0 +1,131 @@
+"""What eval.py runs: restore once, evaluate at one T_eval or a sweep of them, report.
+
+Metrics come from `trainer.validate` (the code training's periodic validation uses) with the
+predictor `config.eval` asks for (single scale, or multi-scale + flip). Process 0 prints the
+results and writes them as JSON to `<run_dir>/eval/step<N>_<mode>_T<T>.json`, or
+`..._sweep.json` for a sweep; every process holds the same totals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from hemnet_jax import evaluation, metrics, parallel, restore, trainer
+
+
+def parse_sweep(spec: str) -> list[int]:
+    """"1,2,3" -> [1, 2, 3]; "" -> []. Raises ValueError naming a bad entry."""
+    values = []
+    for item in filter(None, (s.strip() for s in str(spec).split(","))):
+        if not item.isdigit() or int(item) < 1:
+            raise ValueError(
+                f"eval.num_iters_sweep={spec!r}: {item!r} is not a positive integer "
+                "(expected e.g. '1,2,3,4,6,8')."
+            )
+        values.append(int(item))
+    return values
+
+
+def evaluate(
+    config: ml_collections.ConfigDict, *, workdir: str | None = None,
+    checkpoint: str | None = None, mesh: Mesh | None = None, output_dir: str | None = None,
+) -> dict[str, Any]:
+    """Evaluates a checkpoint as `config.eval` says; prints, writes JSON and returns the report.
+
+    Args:
+      workdir, checkpoint: which checkpoint (see `restore.locate_checkpoint`).
+      output_dir: where `eval/` goes (default: `workdir`, else the checkpoint's run directory).
+    Returns:
+      The JSON report: {"checkpoint", "step", "dataset", "split", "mode", "scales", "flip",
+      "num_iters_train", "max_batches", "results": [one per T_eval: {"num_iters", "miou",
+      "pixel_accuracy", "per_class_iou": {class: IoU or None}, "num_pixels", "confusion"}],
+      "json": the file written}.
+    """
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    sweep = parse_sweep(config.eval.num_iters_sweep)
+    trainer.prepare_data(config)
+    restored = restore.restore_for_eval(config, workdir=workdir, checkpoint=checkpoint, mesh=mesh)
+    info, model = restored.info, restored.model
+    t_train = config.model.num_iters
+    iters = sweep or [config.eval.num_iters or t_train]
+    mode = evaluation.mode_name(config.eval)
+    title = (
+        f"{info.name} {config.data.eval_split or info.eval_split}, checkpoint {restored.path} "
+        f"(step {restored.step}), {_describe_mode(config.eval)}"
+        + (f", first {config.eval.max_batches} batches" if config.eval.max_batches else "")
+    )
+
+    results = []
+    for t in iters:
+        predictor = evaluation.make_predictor(model, config.eval, num_iters=t)
+        result = trainer.validate(config, model, restored.variables, mesh, info.num_classes,
+                                  predictor=predictor)
+        results.append(_result_json(t, result, info.class_names))
+        logging.info("T_eval=%d: mIoU %.2f%%, pixel accuracy %.2f%%.", t,
+                     100 * result["miou"], 100 * result["pixel_accuracy"])
+
+    if sweep:
+        text = f"{title}: mIoU by T_eval\n" + format_sweep_table(results, t_train)
+    else:
+        text = (f"{title}, T_eval={iters[0]} (T_train={t_train}):\n"
+                + metrics.format_table(result, info.class_names))
+    report = {
+        "checkpoint": restored.path, "step": restored.step, "dataset": info.name,
+        "split": config.data.eval_split or info.eval_split, "mode": mode,
+        "scales": list(config.eval.scales) if config.eval.multi_scale else [1.0],
+        "flip": bool(config.eval.multi_scale and config.eval.flip),
+        "num_iters_train": t_train, "max_batches": config.eval.max_batches, "results": results,
+    }
+    name = f"step{restored.step}_{mode}_" + ("sweep" if sweep else f"T{iters[0]}") + ".json"
+    path = os.path.join(output_dir or workdir or restored.run_dir, "eval", name)
+    report["json"] = path
+    if jax.process_index() == 0:
+        print(text, flush=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"Results written to {path}", flush=True)
+    return report
+
+
+def format_sweep_table(results: list[dict[str, Any]], t_train: int) -> str:
+    """Table 2 of the paper: mIoU (and pixel accuracy) by T_eval; * marks T_train."""
+    lines = ["T_eval  mIoU (%)  pixel acc. (%)", "-" * 30]
+    for r in results:
+        mark = "*" if r["num_iters"] == t_train else " "
+        miou, accuracy = (f"{100 * v:.2f}" if v is not None else "-"
+                          for v in (r["miou"], r["pixel_accuracy"]))
+        lines.append(f"{r['num_iters']:>5}{mark}  {miou:>8}  {accuracy:>14}")
+    lines.append(f"(* = T_train = {t_train})")
+    return "\n".join(lines)
+
+
+def _describe_mode(eval_config: ml_collections.ConfigDict) -> str:
+    if not eval_config.multi_scale:
+        return "single scale"
+    scales = ", ".join(f"{s:g}" for s in eval_config.scales)
+    return f"multi-scale ({scales})" + (" + flip" if eval_config.flip else "")
+
+
+def _result_json(num_iters: int, result: dict[str, Any], class_names) -> dict[str, Any]:
+    def number(x: float) -> float | None:  # JSON has no NaN: undefined IoUs are null
+        return None if math.isnan(x) else float(x)
+
+    return {
+        "num_iters": num_iters,
+        "miou": number(result["miou"]),
+        "pixel_accuracy": number(result["pixel_accuracy"]),
+        "per_class_iou": {n: number(v) for n, v in zip(class_names, result["per_class_iou"],
+                                                       strict=True)},
+        "num_pixels": result["num_pixels"],
+        "confusion": np.asarray(result["confusion"]).tolist(),
+    }

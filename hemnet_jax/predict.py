@@ -1,0 +1,196 @@
+"""Segment a folder of images: colour-coded masks (VOC palette) and overlay pictures.
+
+    python -m hemnet_jax.predict --config configs/voc.py --workdir DIR \
+        --images PHOTOS --output OUT [--config.eval.multi_scale=True]
+
+For each image `PHOTOS/NAME.EXT` (jpg, png, bmp, gif, tif, webp; not recursive) it writes
+`OUT/NAME.png`, the predicted classes as a palette PNG (pixel value = class index, VOC colours;
+what VOC's SegmentationClass files are), and `OUT/NAME_overlay.png`, the image blended with the
+colours. The predictor is the one `config.eval` asks for (single scale by default, MS + flip with
+`eval.multi_scale`), with T_eval = `eval.num_iters`. Images are normalised as in evaluation and
+padded at the bottom/right to `data.eval_pad_size` (larger images to their size rounded up to a
+multiple of 32; each new canvas size compiles once). One device, one image at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from hemnet_jax import evaluation
+from hemnet_jax.data import palette
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+OVERLAY_ALPHA = 0.5  # weight of the class colours in the overlay
+
+
+class ImageReadError(ValueError):
+    """An input image cannot be read or decoded; the message names the file."""
+
+
+class ImageFolderError(ValueError):
+    """The image folder holds no image, or two images whose outputs would share a name."""
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in `folder`, sorted by name.
+
+    Raises:
+      FileNotFoundError: `folder` does not exist or is not a directory.
+      ImageFolderError: no image in it, or two images whose outputs would share a name
+        (a.jpg, a.png).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Image folder {str(folder)!r} does not exist or is not a folder.")
+    paths = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ImageFolderError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r}.")
+    stems: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in stems:
+            raise ImageFolderError(f"{stems[p.stem].name} and {p.name} would write the same "
+                                   f"outputs ({p.stem}.png): rename one.")
+        stems[p.stem] = p
+    return paths
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """uint8 RGB [H, W, 3] of an image file (palette, grey and alpha converted to RGB).
+
+    Raises:
+      ImageReadError: not an image, truncated or corrupt; the message names the file.
+    """
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"Cannot read image {str(path)!r}: {e}") from e
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> float32, normalised exactly as the input pipeline does."""
+    from hemnet_jax.data import augment  # TensorFlow, only where images are read
+
+    return augment.normalize(rgb).numpy()
+
+
+def canvas_size(height: int, width: int, pad_size: int | tuple[int, int]) -> tuple[int, int]:
+    """The padded size an image is predicted at: `pad_size` if the image fits, else its own
+    size rounded up to a multiple of 32 (each new size compiles once)."""
+    ph, pw = (pad_size, pad_size) if isinstance(pad_size, int) else tuple(pad_size)
+
+    def fit(size: int, pad: int) -> int:
+        return pad if size <= pad else -(-size // 32) * 32
+
+    return fit(height, ph), fit(width, pw)
+
+
+def make_segmenter(
+    model, variables: dict, config: ml_collections.ConfigDict
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function uint8 RGB [H, W, 3] -> class indices uint8 [H, W], on one device."""
+    predictor = evaluation.make_predictor(model, config.eval, num_iters=config.eval.num_iters)
+    classify = jax.jit(lambda v, batch: jnp.argmax(predictor(v, batch), axis=-1))
+
+    def segment(rgb: np.ndarray) -> np.ndarray:
+        height, width = rgb.shape[:2]
+        ph, pw = canvas_size(height, width, config.data.eval_pad_size)
+        image = np.zeros((1, ph, pw, 3), np.float32)  # 0 = the mean colour, as the pipeline pads
+        image[0, :height, :width] = normalize(rgb)
+        batch = {"image": image, "height": np.array([height], np.int32),
+                 "width": np.array([width], np.int32)}  # fmt: skip
+        return np.asarray(classify(variables, batch))[0, :height, :width].astype(np.uint8)
+
+    return segment
+
+
+def overlay(rgb: np.ndarray, labels: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """uint8 [H, W, 3]: the image blended with the VOC colours of `labels` [H, W]."""
+    colours = palette.colorize(labels).astype(np.float32)
+    return np.round((1 - alpha) * rgb.astype(np.float32) + alpha * colours).astype(np.uint8)
+
+
+def predict_folder(
+    segment: Callable[[np.ndarray], np.ndarray], images: str | os.PathLike,
+    output: str | os.PathLike,
+) -> list[tuple[Path, Path]]:
+    """Writes `output/NAME.png` (palette mask) and `output/NAME_overlay.png` per image.
+
+    Returns:
+      [(mask path, overlay path)] in the images' order.
+    Raises:
+      FileNotFoundError, ImageFolderError: see `list_images`. ImageReadError: a corrupt image
+      (outputs of the images before it are kept).
+    """
+    paths = list_images(images)
+    output = Path(output).expanduser()
+    output.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in paths:
+        rgb = read_image(path)
+        labels = segment(rgb)
+        mask_path, overlay_path = output / f"{path.stem}.png", output / f"{path.stem}_overlay.png"
+        palette.to_palette_image(labels).save(mask_path)
+        Image.fromarray(overlay(rgb, labels)).save(overlay_path)
+        written.append((mask_path, overlay_path))
+    return written
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file (with :variant): the "
+                                    "model config the checkpoint was trained with.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "A training workdir: its latest checkpoint is used.")
+    flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (WORKDIR/checkpoints/N).")
+    flags.DEFINE_string("images", None, "Folder of images to segment.")
+    flags.DEFINE_string("output", None, "Folder for the masks and overlays (created).")
+    flags.mark_flags_as_required(["config", "images", "output"])
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+
+    from hemnet_jax import checkpointing, cli, parallel, restore
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    FLAGS = flags.FLAGS
+    if not (FLAGS.workdir or FLAGS.checkpoint):
+        raise app.UsageError("Pass --workdir (its latest checkpoint) or --checkpoint PATH.")
+    cli.quiet_library_logs()
+    try:
+        list_images(FLAGS.images)  # fail on a bad folder before restoring
+        restored = restore.restore_for_eval(
+            FLAGS.config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+            mesh=parallel.create_mesh(jax.local_devices()[:1]),
+        )
+        segment = make_segmenter(restored.model, restored.variables, FLAGS.config)
+        written = predict_folder(segment, FLAGS.images, FLAGS.output)
+    except (FileNotFoundError, ImageFolderError, ImageReadError,
+            checkpointing.CheckpointMismatchError) as e:
+        print(f"FATAL: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"Wrote {len(written)} masks and overlays to {FLAGS.output} "
+          f"(checkpoint {restored.path}).")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from hemnet_jax.cli import parse_flags
+
+    _define_flags()
+    app.run(main, flags_parser=parse_flags)

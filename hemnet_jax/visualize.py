@@ -1,0 +1,234 @@
+"""The paper's Fig. 4: what the bases attend to, iteration by iteration, for one image.
+
+    python -m hemnet_jax.visualize --config configs/voc.py --workdir DIR --image IMG.jpg \
+        --output fig4.png [--label LABEL.png] [--bases 3,17,40] [--channels 5,100,311]
+
+Writes one PNG grid. Top row: the image, the prediction (VOC colours), the label if given, and
+the chosen channels of X (the HEM unit's input features, after its 1x1 conv). One row per
+chosen basis k / channel c: the attention map gamma[:, k] after each HEM iteration t = 1..T
+(left), and channel c of the reconstruction X_tilde^(t) = gamma^(t) mu^(t) (right; at t = T
+this is the unit's X_tilde, eq. 10). Maps are at the feature resolution (1/8 of the image at
+output stride 8); each row shares one colour scale so sharpening over t shows. All of it is
+read from the HEM unit's `intermediates` (gamma, mu, x_tilde) and its captured conv_in output.
+By default the bases with the most attention mass and the channels of X_tilde with the largest
+variance at t = T are shown. T = `eval.num_iters` (default T_train). The image is run alone at
+its own size.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hemnet_jax import hem
+from hemnet_jax.data import palette
+
+NUM_SHOWN = 3  # rows of the grid when --bases / --channels are not given
+
+
+class IndexSelectionError(ValueError):
+    """A chosen basis or channel index is out of range."""
+
+
+def hem_pictures(model, variables: dict, rgb: np.ndarray, *,
+                 num_iters: int | None = None) -> dict[str, np.ndarray]:
+    """Runs one image and returns what Fig. 4 shows, as numpy arrays.
+
+    Args:
+      rgb: uint8 [H, W, 3].
+    Returns:
+      {"prediction": int [H, W], "gamma": [T, h, w, K] (after each iteration),
+       "x": [h, w, C] (the unit's input X), "x_tilde": [T, h, w, C] (gamma^(t) mu^(t))}.
+    """
+    from hemnet_jax.predict import normalize
+
+    def run(v: dict, image: jax.Array) -> dict[str, jax.Array]:
+        outputs, state = model.apply(
+            v, image, train=False, num_iters=num_iters, mutable=["intermediates"],
+            capture_intermediates=lambda mdl, method: mdl.name == "conv_in"
+            and method == "__call__",
+        )
+        sown = state["intermediates"]["hem"]
+        gamma, mu = sown["gamma"][0][:, 0], sown["mu"][0][:, 0]  # [T, h, w, K], [T, K, C]
+        t, h, w, k = gamma.shape
+        x_tilde = hem.r_step(gamma.reshape(t, h * w, k), mu).reshape(t, h, w, -1)
+        return {"prediction": jnp.argmax(outputs["logits"][0], axis=-1), "gamma": gamma,
+                "x": sown["conv_in"]["__call__"][0][0], "x_tilde": x_tilde}
+
+    return jax.device_get(jax.jit(run)(variables, normalize(rgb)[None]))
+
+
+def default_bases(gamma: np.ndarray, count: int = NUM_SHOWN) -> list[int]:
+    """The `count` bases with the most attention mass at the last iteration. gamma [T,h,w,K]."""
+    return [int(k) for k in np.argsort(-gamma[-1].sum((0, 1)), kind="stable")[:count]]
+
+
+def default_channels(x_tilde: np.ndarray, count: int = NUM_SHOWN) -> list[int]:
+    """The `count` channels of X_tilde varying most over the image at the last iteration."""
+    return [int(c) for c in np.argsort(-x_tilde[-1].var((0, 1)), kind="stable")[:count]]
+
+
+def attention_grid(
+    rgb: np.ndarray, pictures: dict[str, np.ndarray], *, bases: Sequence[int],
+    channels: Sequence[int], label: np.ndarray | None = None,
+):
+    """The Fig. 4 grid as a matplotlib Figure (see the module docstring for the layout).
+
+    Args:
+      rgb: uint8 [H, W, 3]. pictures: `hem_pictures`' output. label: [H, W] class indices.
+      bases: indices into K. channels: indices into C.
+    Raises:
+      IndexSelectionError: an index out of range.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    gamma, x, x_tilde = pictures["gamma"], pictures["x"], pictures["x_tilde"]
+    num_iters, num_bases, num_channels = gamma.shape[0], gamma.shape[-1], x.shape[-1]
+    _check_indices("bases", bases, num_bases)
+    _check_indices("channels", channels, num_channels)
+    header = [("image", rgb), ("prediction", palette.colorize(pictures["prediction"]))]
+    if label is not None:
+        header.append(("label", palette.colorize(label)))
+    header += [(f"X[:, {c}]", x[..., c]) for c in channels]
+    rows = max(len(bases), len(channels))
+    cols = max(2 * num_iters, len(header))
+    fig, axes = plt.subplots(1 + rows, cols, figsize=(1.8 * cols, 1.8 * (1 + rows)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, picture) in zip(axes[0], header, strict=False):
+        ax.imshow(picture, cmap=None if picture.ndim == 3 else "viridis")
+        ax.set_title(title, fontsize=8)
+    for r in range(rows):
+        if r < len(bases):
+            maps = gamma[..., bases[r]]
+            for t in range(num_iters):
+                axes[1 + r, t].imshow(maps[t], cmap="viridis", vmin=0.0, vmax=maps.max())
+                axes[1 + r, t].set_title(f"gamma[:, {bases[r]}] t={t + 1}", fontsize=8)
+        if r < len(channels):
+            maps = x_tilde[..., channels[r]]
+            for t in range(num_iters):
+                ax = axes[1 + r, num_iters + t]
+                ax.imshow(maps[t], cmap="viridis", vmin=maps.min(), vmax=maps.max())
+                ax.set_title(f"X_tilde[:, {channels[r]}] t={t + 1}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_attention_grid(path: str | os.PathLike, rgb: np.ndarray,
+                        pictures: dict[str, np.ndarray], **kwargs) -> None:
+    """Writes `attention_grid(rgb, pictures, **kwargs)` as a PNG."""
+    from matplotlib import pyplot as plt
+
+    fig = attention_grid(rgb, pictures, **kwargs)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_indices(spec: str) -> list[int]:
+    """"3,17,40" -> [3, 17, 40]; "" -> []."""
+    try:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError as e:
+        raise ValueError(f"Expected comma-separated integers, got {spec!r}.") from e
+
+
+def read_label(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
+    """Class indices [H, W] of a label PNG (palette indices, as VOC's), checked against `size`.
+
+    Raises:
+      ImageReadError: unreadable, or not a [H, W] index image of `size`.
+    """
+    from PIL import Image
+
+    from hemnet_jax.predict import ImageReadError
+
+    try:
+        with Image.open(path) as image:
+            label = np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"Cannot read label {str(path)!r}: {e}") from e
+    if label.shape != tuple(size):
+        raise ImageReadError(f"Label {str(path)!r} is {label.shape}, the image {tuple(size)}: "
+                             "expected an index PNG ('P' or 'L' mode) of the image's size.")
+    return label
+
+
+def _check_indices(what: str, indices: Sequence[int], size: int) -> None:
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        raise IndexSelectionError(f"--{what} {bad} out of range: the model has {size} {what} "
+                         f"(indices 0..{size - 1}).")
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file (with :variant): the "
+                                    "model config the checkpoint was trained with.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "A training workdir: its latest checkpoint is used.")
+    flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (WORKDIR/checkpoints/N).")
+    flags.DEFINE_string("image", None, "The image to show.")
+    flags.DEFINE_string("label", None, "Optional: its label, a PNG of class indices (VOC style).")
+    flags.DEFINE_string("output", None, "The PNG to write.")
+    flags.DEFINE_string("bases", "", "Comma-separated basis indices (default: the 3 most used).")
+    flags.DEFINE_string("channels", "", "Comma-separated channel indices (default: the 3 of "
+                        "X_tilde with the largest variance).")
+    flags.mark_flags_as_required(["config", "image", "output"])
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+
+    from hemnet_jax import checkpointing, cli, parallel, restore
+    from hemnet_jax.predict import ImageReadError, read_image
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    FLAGS = flags.FLAGS
+    if not (FLAGS.workdir or FLAGS.checkpoint):
+        raise app.UsageError("Pass --workdir (its latest checkpoint) or --checkpoint PATH.")
+    cli.quiet_library_logs()
+    try:
+        bases, channels = parse_indices(FLAGS.bases), parse_indices(FLAGS.channels)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    try:
+        rgb = read_image(FLAGS.image)
+        label = read_label(FLAGS.label, rgb.shape[:2]) if FLAGS.label else None
+        restored = restore.restore_for_eval(
+            FLAGS.config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+            mesh=parallel.create_mesh(jax.local_devices()[:1]),
+        )
+        pictures = hem_pictures(restored.model, restored.variables, rgb,
+                                num_iters=FLAGS.config.eval.num_iters)
+        save_attention_grid(
+            FLAGS.output, rgb, pictures, label=label,
+            bases=bases or default_bases(pictures["gamma"]),
+            channels=channels or default_channels(pictures["x_tilde"]),
+        )
+    except (FileNotFoundError, ImageReadError, IndexSelectionError,
+            checkpointing.CheckpointMismatchError) as e:
+        print(f"FATAL: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"Wrote {FLAGS.output} (checkpoint {restored.path}).")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from hemnet_jax.cli import parse_flags
+
+    _define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,299 @@
+"""Evaluation: MS + flip predictors, eval.py on a checkpoint written by training, T_eval sweeps.
+
+One tiny run is trained per session (2 steps, seconds); eval.py is run on it as users run it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from hemnet_jax import checkpointing, eval_runner, evaluation, parallel, restore, trainer
+from hemnet_jax.models import create_model
+from hemnet_jax.models.resize import interpolation_matrix
+from tests.tiny import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_STEPS = 2
+
+
+def _config(data_dir: str):
+    config = tiny_config()
+    config.data.data_dir = data_dir
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data_dir, tmp_path_factory) -> str:
+    """A workdir with a checkpoint of step 2, written by the training loop on one device (it is
+    evaluated on 8: restoring reshards)."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    trainer.train_and_evaluate(_config(tiny_data_dir), workdir, stop_after=TRAIN_STEPS,
+                               mesh=parallel.create_mesh(jax.devices()[:1]))
+    return workdir
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO}  # conftest's 8 CPU devices are inherited
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------
+# The resampling matrices: each example's real region only, align_corners like the model.
+
+
+def test_resize_matrices_resample_each_real_region():
+    out_valid, in_valid = np.array([7, 1, 0, 12]), np.array([5, 3, 0, 9])
+    m = np.asarray(evaluation.resize_matrices(12, 9, out_valid, in_valid))
+    assert m.shape == (4, 12, 9)
+    for b, (o, i) in enumerate(zip(out_valid, in_valid, strict=True)):
+        expected = np.zeros((12, 9), np.float32)
+        if o and i:
+            expected[:o, :i] = interpolation_matrix(o, i)
+        np.testing.assert_allclose(m[b], expected, atol=1e-6, err_msg=f"example {b}")
+    identity = np.asarray(evaluation.resize_matrices(6, 6, np.array([6, 4]), np.array([6, 4])))
+    np.testing.assert_array_equal(identity[0], np.eye(6))
+    np.testing.assert_array_equal(identity[1], np.diag([1, 1, 1, 1, 0, 0]))
+
+
+def test_flip_matrices_mirror_real_columns_only():
+    f = np.asarray(evaluation.flip_matrices(5, np.array([3, 5, 0])))
+    row = np.arange(5.0)
+    np.testing.assert_array_equal(f[0] @ row, [2, 1, 0, 3, 4])  # padding stays at the right
+    np.testing.assert_array_equal(f[1] @ row, [4, 3, 2, 1, 0])
+    np.testing.assert_array_equal(f[2] @ row, row)
+    np.testing.assert_array_equal(f[0] @ f[0], np.eye(5))
+
+
+# ---------------------------------------------------------------------------------------------
+# The flip path on stub models, eagerly (no jit): what the model sees and what comes back.
+
+NUM_CLASSES = 3
+
+
+class PointwiseStub:
+    """logits[b, y, x] = image[b, y, x] @ W: commutes with flips, so MS + flip = SS exactly.
+    With `record` (eager calls only), keeps the images it was applied to."""
+
+    def __init__(self, record: bool = False):
+        self.seen = [] if record else None
+        self.weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, NUM_CLASSES)))
+
+    def apply(self, variables, images, *, train, num_iters=None):
+        if self.seen is not None:
+            self.seen.append(np.asarray(images))
+        return {"logits": images @ self.weights}
+
+
+class RampStub:
+    """logits[..., 0] = x / 4 (the column), other classes 0: ignores the image entirely."""
+
+    def apply(self, variables, images, *, train, num_iters=None):
+        b, h, w, _ = images.shape
+        ramp = jnp.broadcast_to(jnp.arange(w, dtype=jnp.float32) / 4, (b, h, w))
+        return {"logits": jnp.stack([ramp] + [jnp.zeros_like(ramp)] * (NUM_CLASSES - 1), -1)}
+
+
+def _asymmetric_batch():
+    """Two examples on a 6 x 8 canvas: 6 x 8 and 4 x 5 real pixels, left-right asymmetric."""
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(2, 6, 8, 3)).astype(np.float32)
+    image[1, 4:], image[1, :, 5:] = 0, 0  # the pipeline's padding
+    return {"image": jnp.asarray(image), "height": jnp.array([6, 4]), "width": jnp.array([8, 5])}
+
+
+def _real(probs, batch, b):
+    return np.asarray(probs)[b, : int(batch["height"][b]), : int(batch["width"][b])]
+
+
+def test_flip_view_sees_the_mirrored_image_padded_at_the_right():
+    batch, stub = _asymmetric_batch(), PointwiseStub(record=True)
+    evaluation.multi_scale_predictor(stub, scales=(1.0,), flip=True)({}, batch)
+    plain, flipped = stub.seen
+    image = np.asarray(batch["image"])
+    assert not np.allclose(image[0], image[0, :, ::-1])  # asymmetric
+    np.testing.assert_allclose(plain, image, atol=1e-6)
+    expected = image.copy()
+    expected[0] = image[0, :, ::-1]
+    expected[1, :4, :5] = image[1, :4, :5][:, ::-1]
+    np.testing.assert_allclose(flipped, expected, atol=1e-6)
+
+
+def test_flip_path_unflips_its_prediction():
+    batch = _asymmetric_batch()
+    single = evaluation.single_scale_predictor(PointwiseStub())({}, batch)
+    both = evaluation.multi_scale_predictor(PointwiseStub(), scales=(1.0,), flip=True)({}, batch)
+    for b in range(2):  # a flip-equivariant model: the un-flipped flip view is the plain one
+        np.testing.assert_allclose(_real(both, batch, b), _real(single, batch, b), atol=1e-5)
+    assert not np.allclose(_real(single, batch, 0), _real(single, batch, 0)[:, ::-1], atol=1e-3)
+
+    # A model that ignores the image: the flip view's columns come back mirrored.
+    ramp = evaluation.single_scale_predictor(RampStub())({}, batch)
+    both = evaluation.multi_scale_predictor(RampStub(), scales=(1.0,), flip=True)({}, batch)
+    for b in range(2):
+        p = _real(ramp, batch, b)
+        np.testing.assert_allclose(_real(both, batch, b), (p + p[:, ::-1]) / 2, atol=1e-6)
+
+
+def test_multi_scale_probabilities_cover_real_pixels_only():
+    batch = _asymmetric_batch()
+    predict = evaluation.multi_scale_predictor(PointwiseStub(), scales=(0.5, 0.75, 1.5), flip=True)
+    probs = np.asarray(jax.jit(predict)({}, batch))
+    np.testing.assert_allclose(probs[0].sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs[1, :4, :5].sum(-1), 1.0, atol=1e-5)
+    assert np.all(probs[1, 4:] == 0) and np.all(probs[1, :, 5:] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny HEMNet.
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    config = tiny_config()
+    model = create_model(config.model, num_classes=6)
+    variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(
+        jax.random.PRNGKey(0))
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    image[1, 24:], image[1, :, 20:] = 0, 0
+    batch = {"image": image, "height": np.array([32, 24]), "width": np.array([32, 20])}
+    return model, variables, batch
+
+
+def test_multi_scale_at_scale_one_without_flip_equals_single_scale(tiny_model):
+    model, variables, batch = tiny_model
+    ss = jax.jit(evaluation.single_scale_predictor(model))(variables, batch)
+    ms = jax.jit(evaluation.multi_scale_predictor(model, scales=(1.0,), flip=False))(
+        variables, batch)
+    for b in range(2):
+        np.testing.assert_allclose(_real(ms, batch, b), _real(ss, batch, b), atol=1e-6)
+
+
+def test_multi_scale_flip_runs_on_the_tiny_model(tiny_model):
+    model, variables, batch = tiny_model
+    config = tiny_config()
+    config.eval.multi_scale, config.eval.scales, config.eval.flip = True, (0.75,), True
+    probs = np.asarray(jax.jit(evaluation.make_predictor(model, config.eval, num_iters=3))(
+        variables, batch))
+    assert probs.shape == (2, 32, 32, 6) and np.all(np.isfinite(probs))
+    np.testing.assert_allclose(probs[0].sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs[1, :24, :20].sum(-1), 1.0, atol=1e-5)
+    assert np.all(probs[1, 24:] == 0)
+    ss = jax.jit(evaluation.single_scale_predictor(model))(variables, batch)
+    assert not np.allclose(probs[0], np.asarray(ss)[0], atol=1e-4)  # the views did something
+
+
+# ---------------------------------------------------------------------------------------------
+# eval.py on a checkpoint written by the training loop.
+
+
+def _labelled_pixels(config) -> int:
+    batches, _ = trainer.eval_batches(config, parallel.create_mesh())
+    return int(sum((b["label"] != 255).sum() for b in batches))
+
+
+def test_eval_py_reads_a_training_checkpoint(trained, tiny_data_dir):
+    result = _run("eval.py", "--config", "tests/tiny.py", "--workdir", trained,
+                  f"--config.data.data_dir={tiny_data_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    title = f"checkpoints/{TRAIN_STEPS} (step {TRAIN_STEPS}), single scale, T_eval=2"
+    assert title in result.stdout
+    for name in ("background", "striped_disc", "hatched_ring", "mIoU", "pixel acc."):
+        assert name in result.stdout, name
+    path = os.path.join(trained, "eval", f"step{TRAIN_STEPS}_ss_T2.json")
+    with open(path) as f:
+        report = json.load(f)
+    assert report["step"] == TRAIN_STEPS and report["mode"] == "ss"
+    (result,) = report["results"]
+    confusion = np.array(result["confusion"])
+    # Every labelled pixel of the split scored exactly once, over the 8 devices.
+    assert confusion.sum() == result["num_pixels"] == _labelled_pixels(_config(tiny_data_dir))
+    tp, union = np.diag(confusion), confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    assert result["miou"] == pytest.approx(np.mean(tp[union > 0] / union[union > 0]))
+    assert set(result["per_class_iou"]) == {"background", "striped_disc", "checkered_square",
+                                            "dotted_triangle", "solid_cross", "hatched_ring"}
+
+
+def test_sweep_restores_once_and_matches_single_scale(trained, tiny_data_dir, capsys):
+    """A T_eval sweep with the MS predictor at scale 1.0 without flip: its T = 2 entry is the
+    single-scale result of eval.py (run by the previous test, or here)."""
+    config = _config(tiny_data_dir)
+    ss_path = os.path.join(trained, "eval", f"step{TRAIN_STEPS}_ss_T2.json")
+    if not os.path.exists(ss_path):
+        eval_runner.evaluate(config, workdir=trained)
+    with open(ss_path) as f:
+        ss = json.load(f)["results"][0]
+    config.eval.update(num_iters_sweep="1,2", multi_scale=True, scales=(1.0,), flip=False)
+    report = eval_runner.evaluate(config, workdir=trained)
+    assert [r["num_iters"] for r in report["results"]] == [1, 2]
+    assert report["json"].endswith(f"step{TRAIN_STEPS}_ms_sweep.json")
+    assert os.path.exists(report["json"])
+    out = capsys.readouterr().out
+    assert "mIoU by T_eval" in out and "(* = T_train = 2)" in out
+    ms = report["results"][1]
+    assert ms["num_pixels"] == ss["num_pixels"]
+    # The same predictions up to float rounding at near-ties of an untrained model.
+    difference = np.abs(np.array(ms["confusion"]) - np.array(ss["confusion"])).sum()
+    assert difference <= 0.001 * ss["num_pixels"], difference
+    assert ms["miou"] == pytest.approx(ss["miou"], abs=1e-3)
+
+
+def test_checkpoint_of_another_model_config_is_named(trained, tiny_data_dir):
+    config = _config(tiny_data_dir)
+    config.model.num_bases = 4
+    mismatch = "model.num_bases: checkpoint 8, config 4"
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=mismatch):
+        restore.restore_for_eval(config, workdir=trained)
+    # The command line, with --checkpoint naming the step directory: one clear line.
+    step_dir = os.path.join(trained, "checkpoints", str(TRAIN_STEPS))
+    result = _run("eval.py", "--config", "tests/tiny.py", "--checkpoint", step_dir,
+                  f"--config.data.data_dir={tiny_data_dir}", "--config.model.head_channels=8")
+    assert result.returncode == 1
+    assert "FATAL: The checkpoint" in result.stderr
+    assert "model.head_channels: checkpoint 16, config 8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_checkpoint_says_what_to_pass(tmp_path):
+    with pytest.raises(restore.CheckpointNotFoundError, match="train first"):
+        restore.locate_checkpoint(workdir=str(tmp_path))
+    with pytest.raises(restore.CheckpointNotFoundError, match="step directory"):
+        restore.locate_checkpoint(checkpoint=str(tmp_path))
+    step_dir = tmp_path / "checkpoints" / "30"
+    step_dir.mkdir(parents=True)
+    directory = str(tmp_path / "checkpoints")
+    assert restore.locate_checkpoint(checkpoint=f"{step_dir}/") == (directory, 30)
+    assert restore.locate_checkpoint(checkpoint=directory) == (directory, None)
+    assert restore.locate_checkpoint(workdir=str(tmp_path)) == (directory, None)
+
+
+def test_parse_sweep():
+    assert eval_runner.parse_sweep("1, 2,4,") == [1, 2, 4]
+    assert eval_runner.parse_sweep("") == []
+    with pytest.raises(ValueError, match="'0' is not a positive integer"):
+        eval_runner.parse_sweep("1,0")
+
+
+def test_predict_cli_on_the_training_checkpoint(trained, tmp_path):
+    """`python -m hemnet_jax.predict` restores the checkpoint and writes palette masks (its
+    errors: tests/test_predict.py)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 37, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(images / "photo.png")
+    out = tmp_path / "out"
+    result = _run("-m", "hemnet_jax.predict", "--config", "tests/tiny.py", "--workdir", trained,
+                  "--images", str(images), "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    mask = Image.open(out / "photo.png")
+    assert mask.mode == "P" and mask.size == (37, 24)
+    assert Image.open(out / "photo_overlay.png").size == (37, 24)
+    assert "Wrote 1 masks and overlays" in result.stdout
