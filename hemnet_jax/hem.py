@@ -114,6 +114,7 @@ def hem_iteration(
     kernel: Kernel = "dot",
     l2_normalize: bool = False,
     stop_e_step_gradient: bool = False,
+    x_n: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One HEM layer (Fig. 2): E-step with mu^(t), then N-step.
 
@@ -121,13 +122,15 @@ def hem_iteration(
       x: [..., N, C]. mu: [..., K, C] = mu^(t).
       stop_e_step_gradient: treat gamma as a constant in the backward pass (the approximation
         of eq. 15 and 18: only the N-step's paths carry gradient).
+      x_n: the N-step's own copy of x (default: x). Equal in value; a separate input so that
+        gradients reaching X through this layer's E-step and N-step can be told apart (eq. 17).
     Returns:
       (mu^(t+1) [..., K, C], gamma^(t+1) [..., N, K]).
     """
     gamma = e_step(x, mu, temperature, kernel)
     if stop_e_step_gradient:
         gamma = jax.lax.stop_gradient(gamma)
-    mu = n_step(x, gamma, mu, step_size)
+    mu = n_step(x if x_n is None else x_n, gamma, mu, step_size)
     if l2_normalize:
         mu = l2_normalize_bases(mu)
     return mu, gamma
@@ -146,6 +149,7 @@ def unrolled_hem(
     return_history: bool = False,
     stop_e_step_gradient: bool = False,
     remat: bool = False,
+    layer_offsets: tuple[jax.Array, jax.Array] | None = None,
 ):
     """T unrolled HEM iterations (E-step then N-step), eq. 13-14, with `jax.lax.scan`.
 
@@ -162,6 +166,10 @@ def unrolled_hem(
         gradients flow through the N-step's highway and F_EM's x only (eq. 15, 18).
       remat: recompute each iteration in the backward pass (jax.checkpoint) instead of
         storing its intermediates: less memory, one more E-step of compute per iteration.
+      layer_offsets: (e_offsets, n_offsets), each [T, ..., N, C]: layer t's E-step reads
+        x + e_offsets[t] and its N-step x + n_offsets[t]. With zeros, the values are unchanged
+        and the gradients w.r.t. the offsets are the per-layer contributions to the gradient
+        w.r.t. X, which sum to it (eq. 16-17).
     Returns:
       (mu_T [..., K, C], gamma_T [..., N, K]); with return_history also
       mu_history [T, ..., K, C] and gamma_history [T, ..., N, K], entry t after iteration t + 1.
@@ -169,8 +177,8 @@ def unrolled_hem(
     """
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters}.")
-    if stop_em_gradient:
-        x, mu0 = jax.lax.stop_gradient(x), jax.lax.stop_gradient(mu0)
+    if stop_em_gradient:  # the offsets too: their gradients are X's, which is zero here
+        x, mu0, layer_offsets = jax.lax.stop_gradient((x, mu0, layer_offsets))
     dtype = _accum_dtype(x, mu0)
     lead = jnp.broadcast_shapes(x.shape[:-2], mu0.shape[:-2])
     mu = jnp.broadcast_to(mu0, lead + mu0.shape[-2:]).astype(dtype)
@@ -186,13 +194,16 @@ def unrolled_hem(
     if remat:
         step = jax.checkpoint(step)
 
-    def body(carry, _):
+    def body(carry, offsets):
         mu, _ = carry
-        mu, gamma = step(x, mu)
+        if offsets is None:
+            mu, gamma = step(x, mu)
+        else:
+            mu, gamma = step(x + offsets[0], mu, x_n=x + offsets[1])
         return (mu, gamma), ((mu, gamma) if return_history else None)
 
     gamma0 = jnp.zeros(lead + (x.shape[-2], mu0.shape[-2]), dtype)
-    (mu, gamma), history = jax.lax.scan(body, (mu, gamma0), None, length=num_iters)
+    (mu, gamma), history = jax.lax.scan(body, (mu, gamma0), layer_offsets, length=num_iters)
     if return_history:
         return mu, gamma, history[0], history[1]
     return mu, gamma

@@ -53,6 +53,11 @@ class HEMUnit(nn.Module):
         statistics and the bases' batch mean are averaged. Under jit with a sharded batch (the
         way train.py runs) leave it None: the mean is over the global batch already.
       remat: recompute each HEM iteration in the backward pass (saves memory).
+      layer_gradients: for gradient-flow studies (`hemnet_jax.studies.gradient_flow`): each HEM
+        layer t reads X through zero offsets [T, B, H*W, C] declared with `self.perturb` as
+        "e_step" and "n_step" in the "perturbations" collection, so `jax.grad` w.r.t. that
+        collection gives every layer's E-step and N-step share of dL/dX (eq. 16-17). Values are
+        unchanged; off (the default), the unit is exactly as without it.
     """
 
     num_bases: int = 64
@@ -69,6 +74,7 @@ class HEMUnit(nn.Module):
     param_dtype: Any = jnp.float32
     axis_name: str | None = None
     remat: bool = False
+    layer_gradients: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, num_iters: int | None = None) -> jax.Array:
@@ -86,6 +92,11 @@ class HEMUnit(nn.Module):
             param_dtype=self.param_dtype, name="conv_in",
         )(x)
         record = self.is_mutable_collection(INTERMEDIATES)
+        layer_offsets = None
+        if self.layer_gradients:
+            dtype = jnp.promote_types(feats.dtype, jnp.float32)
+            zeros = jnp.zeros((num_iters, b, h * w, c), dtype)
+            layer_offsets = (self.perturb("e_step", zeros), self.perturb("n_step", zeros))
         outs = hem.unrolled_hem(
             feats.reshape(b, h * w, c),
             mu0.value,
@@ -97,6 +108,7 @@ class HEMUnit(nn.Module):
             stop_em_gradient=self.stop_em_gradient,
             return_history=record,
             remat=self.remat,
+            layer_offsets=layer_offsets,
         )
         mu, gamma = outs[:2]
         x_tilde = hem.r_step(gamma, mu).reshape(b, h, w, c)
