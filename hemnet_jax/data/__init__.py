@@ -1,4 +1,4 @@
-"""Datasets and input pipelines of hemnet_jax (see README.md beside this file).
+"""Datasets and input pipelines of hemnet_jax (docs/datasets.md).
 
 The registry (`get_dataset_info`) is light; the pipeline functions import TensorFlow on first
 use. Importing `hemnet_jax.data.builders` registers the TFDS builders.
