@@ -8,40 +8,32 @@ Re-running the same command resumes from the workdir's latest checkpoint.
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "A configs/*.py file (with :variant).", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and results go here.")
-flags.DEFINE_string("coordinator_address", "", "Multi-process: the coordinator's HOST:PORT.")
-flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes in all.")
-flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection.")
-flags.mark_flags_as_required(["config", "workdir"])
+from hemnet_jax import cli
+
+
+def define_flags() -> None:
+    cli.define_config_flag()
+    flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and results go here.")
+    flags.mark_flag_as_required("workdir")
+    cli.define_distributed_flags()
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from hemnet_jax import cli, parallel, trainer  # after flag parsing: JAX starts up here
+    cli.no_extra_arguments(argv)
+    from hemnet_jax import trainer  # after flag parsing: JAX starts up here
 
     cli.quiet_library_logs()
-
-    parallel.initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
-    )
-    logging.info("Config:\n%s", FLAGS.config)
+    cli.initialize_distributed_from_flags()
+    config = flags.FLAGS.config
+    logging.info("Config:\n%s", config)
     try:
-        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        trainer.train_and_evaluate(config, flags.FLAGS.workdir)
     except FloatingPointError as e:  # a diverged run: the message says what to do
         logging.error("%s", e)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    from hemnet_jax.cli import parse_flags
-
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, define_flags)

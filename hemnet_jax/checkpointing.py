@@ -19,6 +19,11 @@ import orbax.checkpoint as ocp
 RUNTIME_ONLY_MODEL_KEYS = frozenset({"pretrained", "dtype", "remat", "aux_loss_weight"})
 
 
+def resolve_path(path: str) -> str:
+    """Local paths absolute, with ~ expanded; gs:// and other URLs as given."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint was written by a run with another model or dataset."""
 
@@ -70,8 +75,7 @@ class Checkpointer:
         asynchronous: bool = True,
         read_only: bool = False,
     ):
-        # Local paths are made absolute (orbax needs it); gs:// and other URLs stay as given.
-        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self.directory = resolve_path(directory)  # orbax needs absolute local paths
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

@@ -77,3 +77,65 @@ class _QuietLibraries(std_logging.Filter):
 
 def quiet_library_logs() -> None:
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags the programs share. Defined only by a program's `__main__`, never at library import.
+
+
+def define_config_flag(help_text: str = "A configs/*.py file, optionally with :variant.") -> None:
+    """`--config FILE[:ARG]` with `--config.key=value` overrides of existing keys only."""
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
+    flags.mark_flag_as_required("config")
+
+
+def define_checkpoint_flags() -> None:
+    """`--workdir` (its latest checkpoint) or `--checkpoint` (a step directory)."""
+    flags.DEFINE_string("workdir", None, "A training workdir: its latest checkpoint is used.")
+    flags.DEFINE_string(
+        "checkpoint", None, "A checkpoint step directory (WORKDIR/checkpoints/STEP) instead."
+    )
+
+
+def require_checkpoint_source() -> None:
+    """Usage error unless --workdir or --checkpoint was given."""
+    from absl import app
+
+    if not (flags.FLAGS.workdir or flags.FLAGS.checkpoint):
+        raise app.UsageError("Pass --workdir (its latest checkpoint) or --checkpoint PATH.")
+
+
+def define_distributed_flags() -> None:
+    """Multi-process flags; `initialize_distributed_from_flags` acts on them."""
+    flags.DEFINE_string("coordinator_address", "", "Multi-process: the coordinator's HOST:PORT.")
+    flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes in all.")
+    flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+    flags.DEFINE_bool(
+        "distributed", False, "Call jax.distributed.initialize() with auto-detection."
+    )
+
+
+def initialize_distributed_from_flags() -> None:
+    from hemnet_jax import parallel
+
+    f = flags.FLAGS
+    parallel.initialize_distributed(
+        f.coordinator_address, f.num_processes, f.process_id, f.distributed
+    )
+
+
+def no_extra_arguments(argv: Sequence[str]) -> None:
+    from absl import app
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+
+
+def run(main, define_flags) -> None:
+    """A program's `__main__`: define its flags, then absl's app.run with our flag parser."""
+    from absl import app
+
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -148,28 +148,24 @@ def predict_folder(
 
 def _define_flags() -> None:
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "A configs/*.py file (with :variant): the "
-                                    "model config the checkpoint was trained with.",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "A training workdir: its latest checkpoint is used.")
-    flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (WORKDIR/checkpoints/N).")
+    from hemnet_jax import cli
+
+    cli.define_config_flag("A configs/*.py file (with :variant): the config it was trained with.")
+    cli.define_checkpoint_flags()
     flags.DEFINE_string("images", None, "Folder of images to segment.")
     flags.DEFINE_string("output", None, "Folder for the masks and overlays (created).")
-    flags.mark_flags_as_required(["config", "images", "output"])
+    flags.mark_flags_as_required(["images", "output"])
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
+    from absl import flags
 
     from hemnet_jax import checkpointing, cli, parallel, restore
 
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.no_extra_arguments(argv)
+    cli.require_checkpoint_source()
     FLAGS = flags.FLAGS
-    if not (FLAGS.workdir or FLAGS.checkpoint):
-        raise app.UsageError("Pass --workdir (its latest checkpoint) or --checkpoint PATH.")
     cli.quiet_library_logs()
     try:
         list_images(FLAGS.images)  # fail on a bad folder before restoring
@@ -188,9 +184,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from hemnet_jax import cli
 
-    from hemnet_jax.cli import parse_flags
-
-    _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, _define_flags)

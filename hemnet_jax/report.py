@@ -20,9 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from hemnet_jax import cli
 from hemnet_jax.models import create_model
 
 # HEMNet (AAAI 2021) Table 3: ResNet-101, OS 8, 513x513. Head = over the backbone.
@@ -211,8 +211,7 @@ def format_report(report: Report, model_config: ml_collections.ConfigDict) -> st
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.no_extra_arguments(argv)
     config = flags.FLAGS.config
     report = model_report(
         config.model, num_classes=flags.FLAGS.num_classes, image_size=flags.FLAGS.image_size
@@ -222,12 +221,10 @@ def main(argv: list[str]) -> None:
 
 def _define_flags() -> None:
     """Only when run as a program: importing this module defines no absl flags."""
-    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/voc.py.")
+    cli.define_config_flag("Config file, e.g. configs/voc.py.")
     flags.DEFINE_integer("image_size", 513, "Square input size (Table 3: 513).")
     flags.DEFINE_integer("num_classes", 21, "Classifier outputs (VOC: 21).")
-    flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    cli.run(main, _define_flags)

@@ -14,6 +14,7 @@ import os
 import jax
 import ml_collections
 import optax
+from etils import epath
 from jax.sharding import Mesh
 
 from hemnet_jax import checkpointing, optim, parallel, trainer
@@ -54,8 +55,8 @@ def locate_checkpoint(workdir: str | None = None,
       CheckpointNotFoundError: nothing given, or nothing there; the message says what to pass.
     """
     if checkpoint:
-        path = os.path.abspath(os.path.expanduser(checkpoint.rstrip("/")))
-        if not os.path.isdir(path):
+        path = checkpointing.resolve_path(checkpoint.rstrip("/"))
+        if not epath.Path(path).is_dir():
             raise CheckpointNotFoundError(
                 f"--checkpoint {checkpoint!r}: no such directory. Pass a step directory such "
                 "as <workdir>/checkpoints/3000, or a checkpoints directory for its latest step."
@@ -71,7 +72,7 @@ def locate_checkpoint(workdir: str | None = None,
         return path, None
     if not workdir:
         raise CheckpointNotFoundError("Pass --workdir (its latest checkpoint) or --checkpoint.")
-    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+    directory = os.path.join(checkpointing.resolve_path(workdir), "checkpoints")
     if not _step_dirs(directory):
         raise CheckpointNotFoundError(
             f"No checkpoint in {directory}: train first (python train.py --workdir "
@@ -116,7 +117,7 @@ def restore_for_eval(
 
 
 def _step_dirs(directory: str) -> list[str]:
-    if not os.path.isdir(directory):
+    root = epath.Path(directory)
+    if not root.is_dir():
         return []
-    return [n for n in os.listdir(directory)
-            if n.isdigit() and os.path.isdir(os.path.join(directory, n))]
+    return [p.name for p in root.iterdir() if p.name.isdigit() and p.is_dir()]

@@ -172,20 +172,18 @@ def _check_indices(what: str, indices: Sequence[int], size: int) -> None:
 
 def _define_flags() -> None:
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "A configs/*.py file (with :variant): the "
-                                    "model config the checkpoint was trained with.",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "A training workdir: its latest checkpoint is used.")
-    flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (WORKDIR/checkpoints/N).")
+    from hemnet_jax import cli
+
+    cli.define_config_flag("A configs/*.py file (with :variant): the config it was trained with.")
+    cli.define_checkpoint_flags()
     flags.DEFINE_string("image", None, "The image to show.")
     flags.DEFINE_string("label", None, "Optional: its label, a PNG of class indices (VOC style).")
     flags.DEFINE_string("output", None, "The PNG to write.")
     flags.DEFINE_string("bases", "", "Comma-separated basis indices (default: the 3 most used).")
     flags.DEFINE_string("channels", "", "Comma-separated channel indices (default: the 3 of "
                         "X_tilde with the largest variance).")
-    flags.mark_flags_as_required(["config", "image", "output"])
+    flags.mark_flags_as_required(["image", "output"])
 
 
 def main(argv: list[str]) -> None:
@@ -194,11 +192,9 @@ def main(argv: list[str]) -> None:
     from hemnet_jax import checkpointing, cli, parallel, restore
     from hemnet_jax.predict import ImageReadError, read_image
 
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.no_extra_arguments(argv)
+    cli.require_checkpoint_source()
     FLAGS = flags.FLAGS
-    if not (FLAGS.workdir or FLAGS.checkpoint):
-        raise app.UsageError("Pass --workdir (its latest checkpoint) or --checkpoint PATH.")
     cli.quiet_library_logs()
     try:
         bases, channels = parse_indices(FLAGS.bases), parse_indices(FLAGS.channels)
@@ -226,9 +222,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from hemnet_jax import cli
 
-    from hemnet_jax.cli import parse_flags
-
-    _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, _define_flags)

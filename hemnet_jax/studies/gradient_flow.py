@@ -477,11 +477,11 @@ def study_meta(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import app, flags, logging
+    from absl import flags, logging
 
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     from hemnet_jax import cli, parallel
+
+    cli.no_extra_arguments(argv)
     from hemnet_jax.data import datasets
     from hemnet_jax.models import create_model
 
@@ -503,20 +503,16 @@ def main(argv: Sequence[str]) -> None:
 def _define_flags() -> None:
     """Only when run as a program: importing this module defines no absl flags."""
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "A configs/*.py file (with :variant).",
-                                    lock_config=True)
+    from hemnet_jax import cli
+
+    cli.define_config_flag()
     flags.DEFINE_string("workdir", None, "A training workdir: its checkpoint is studied (else "
                         "the initialisation); results go to <workdir>/gradient_flow/step_<N>.")
     flags.DEFINE_string("output_dir", None, "Where results go instead.")
-    flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":
-    from absl import app
+    from hemnet_jax import cli
 
-    from hemnet_jax.cli import parse_flags
-
-    _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, _define_flags)
