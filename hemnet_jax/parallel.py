@@ -1,8 +1,8 @@
 """Devices, processes and shardings: one `Mesh` over every device of every process.
 
-The batch is sharded over the mesh's `data` axis; parameters and other state follow
-`state_sharding_rule` ("replicated" today: a new rule, e.g. FSDP over `data`, is a config change
-that touches only `state_shardings`).
+The batch is sharded over the mesh's `data` axis; parameters and other state follow the rule
+`config.train.state_sharding` ("replicated" today: a new rule, e.g. FSDP over `data`, is a new
+case in `state_shardings` and a config value; the train step takes its shardings from the state).
 """
 
 from __future__ import annotations

@@ -77,13 +77,15 @@ def _initializer(model, tx: optax.GradientTransformation) -> Callable[[jax.Array
     return init
 
 
-def abstract_state(model, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """The state's shapes, dtypes and shardings, without computing it (for restoring)."""
+def abstract_state(
+    model, tx: optax.GradientTransformation, mesh: Mesh, rule: str = "replicated"
+) -> TrainState:
+    """The state's shapes, dtypes and shardings (`train.state_sharding`), without computing it."""
     abstract = jax.eval_shape(_initializer(model, tx), jax.random.PRNGKey(0))
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract,
-        parallel.state_shardings(abstract, mesh),
+        parallel.state_shardings(abstract, mesh, rule),
     )
 
 
@@ -92,7 +94,8 @@ def init_state(
 ) -> TrainState:
     """Initialises variables (on device, with the state's shardings) and the optimiser state;
     loads the ImageNet backbone when `model.pretrained` names a file."""
-    shardings = jax.tree.map(lambda a: a.sharding, abstract_state(model, tx, mesh))
+    rule = config.train.state_sharding
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state(model, tx, mesh, rule))
     state = jax.jit(_initializer(model, tx), out_shardings=shardings)(
         jax.random.PRNGKey(config.seed)
     )
@@ -102,7 +105,7 @@ def init_state(
         variables = weights.load_pretrained(
             jax.device_get(state.variables), config.model.pretrained, stem=config.model.stem
         )
-        variables = jax.device_put(variables, parallel.state_shardings(variables, mesh))
+        variables = jax.device_put(variables, parallel.state_shardings(variables, mesh, rule))
         state = state.replace(
             params=variables["params"],
             batch_stats=variables["batch_stats"],
@@ -306,7 +309,8 @@ def train_and_evaluate(
         logging.info("Initialised a new run in %s.", workdir)
         writer.write_hparams(_flat_hparams(config))
     else:
-        state, _ = ckpt.restore(abstract_state(model, tx, mesh), config, latest)
+        rule = config.train.state_sharding
+        state, _ = ckpt.restore(abstract_state(model, tx, mesh, rule), config, latest)
         logging.info("Resumed from the checkpoint of step %d in %s.", latest, workdir)
     start_step = int(state.step)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
