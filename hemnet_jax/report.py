@@ -5,8 +5,8 @@
 Everything is computed from abstract shapes (`jax.ShapeDtypeStruct`): the forward is lowered and
 compiled for the local backend (CPU here) without allocating parameters or images. FLOPs come
 from XLA's cost analysis of the compiled inference forward (batch 1, train=False); the head's
-share is the full model minus the backbone alone. Peak memory is the compiled executable's peak
-of live buffers (arguments, outputs, temporaries), from its memory analysis.
+share is the full model minus the backbone alone. Memory is the compiled executable's footprint
+(arguments + outputs + temporaries - aliased), from its memory analysis.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import ml_collections
 from absl import flags
 
 from hemnet_jax import cli
+from hemnet_jax.hem_unit import Conv1x1
 from hemnet_jax.models import create_model
 
 # HEMNet (AAAI 2021) Table 3: ResNet-101, OS 8, 513x513. Head = over the backbone.
@@ -38,7 +39,7 @@ class Cost:
 
     flops: float  # XLA's cost analysis of the compiled function
     conv_macs: float  # dense conv multiply-adds, as PyTorch FLOP counters count (see conv_macs)
-    peak_bytes: int  # peak of live buffers of the compiled function (memory analysis)
+    peak_bytes: int  # arguments + outputs + temporaries of the compiled function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,22 +57,33 @@ def count_params(tree: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def xla_cost(fn: Callable[..., Any], *args: Any) -> tuple[float, int]:
-    """(FLOPs, peak bytes) of `fn` lowered and compiled for abstract (or concrete) args."""
-    compiled = jax.jit(fn).lower(*args).compile()
+def compiled_cost(compiled: jax.stages.Compiled) -> tuple[float, int]:
+    """(FLOPs, bytes) of a compiled executable (per device for a partitioned program), from
+    XLA's cost and memory analyses.
+
+    Bytes = arguments + outputs + temporaries - aliased: the executable's whole footprint. Not
+    `peak_memory_in_bytes`: on the CPU backend (jax 0.10.2) that is arguments + outputs only,
+    whatever the temporaries (e.g. the same for T = 1 and T = 16 HEM iterations).
+    """
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list | tuple):  # older JAX: one dict per computation
         analysis = analysis[0]
     mem = compiled.memory_analysis()
-    peak = getattr(mem, "peak_memory_in_bytes", 0) or (  # older JAX: an upper bound
+    footprint = (
         mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
         - mem.alias_size_in_bytes
     )
-    return float(analysis["flops"]), int(peak)
+    return float(analysis.get("flops", 0.0)), int(footprint)
+
+
+def xla_cost(fn: Callable[..., Any], *args: Any) -> tuple[float, int]:
+    """(FLOPs, bytes) of `fn` lowered and compiled for abstract (or concrete) args."""
+    return compiled_cost(jax.jit(fn).lower(*args).compile())
 
 
 def conv_macs(fn: Callable[..., Any], *args: Any) -> float:
-    """Multiply-adds of every nn.Conv that `fn` calls, dense: out_h * out_w * k * k * Cin * Cout.
+    """Dense multiply-adds of every nn.Conv (and `Conv1x1`) that `fn` calls:
+    out_h * out_w * k * k * Cin * Cout.
 
     This is how FLOP counters of PyTorch models (thop, ptflops, fvcore) count convs. XLA's cost
     analysis counts only the taps that fall inside the unpadded input, which is much less for
@@ -83,9 +95,13 @@ def conv_macs(fn: Callable[..., Any], *args: Any) -> float:
         nonlocal total
         out = next_fun(*args, **kwargs)
         module = context.module
-        if isinstance(module, nn.Conv) and context.method_name == "__call__":
+        if context.method_name != "__call__":
+            return out
+        if isinstance(module, nn.Conv):
             cin = args[0].shape[-1] // module.feature_group_count
             total += math.prod(out.shape[:-1]) * math.prod(module.kernel_size) * cin * out.shape[-1]
+        elif isinstance(module, Conv1x1):  # the HEM unit's 1x1 convs, computed as matmuls
+            total += math.prod(out.shape[:-1]) * args[0].shape[-1] * out.shape[-1]
         return out
 
     with nn.intercept_methods(record):
