@@ -12,28 +12,18 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from hemnet_jax.data.augment import DEFAULT_SCALES
 from hemnet_jax.data.pipeline import make_train_dataset
 from hemnet_jax.data.prepare import prepare_dataset
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(args: argparse.Namespace, threads: int) -> dict:
@@ -107,7 +97,7 @@ def main() -> None:
         "scales": list(DEFAULT_SCALES),
         "batch_size": args.batch_size,
         "cores_available": cores,
-        "cpu": cpu_model(),
+        "cpu": common.cpu_model(),
         "tensorflow": tf.__version__,
         "results": rows,
     }
