@@ -28,10 +28,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from hemnet_jax import config as cfg
-from hemnet_jax import optim, parallel, report, trainer
+from hemnet_jax import parallel, report, trainer
 from hemnet_jax.models import create_model
 
 # Peak dense bf16 matrix TFLOP/s per device, matched in order on the lower-cased device_kind.
@@ -131,8 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mesh = parallel.create_mesh()
     devices = list(mesh.devices.flat)
     model = create_model(config.model, NUM_CLASSES)
-    abstract = jax.eval_shape(trainer._initializer(model, optax.identity()), jax.random.PRNGKey(0))
-    tx, schedule = optim.make_optimizer(config.train, abstract.params)
+    tx, schedule = trainer.optimizer_for(config, model)
     state = trainer.init_state(config, model, tx, mesh)
     rng = np.random.default_rng(0)
     shape = (args.batch_size, args.crop_size, args.crop_size)

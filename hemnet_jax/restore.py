@@ -13,11 +13,10 @@ import os
 
 import jax
 import ml_collections
-import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from hemnet_jax import checkpointing, optim, parallel, trainer
+from hemnet_jax import checkpointing, parallel, trainer
 from hemnet_jax.data import datasets
 from hemnet_jax.models import HEMNet, create_model
 
@@ -98,8 +97,7 @@ def restore_for_eval(
     directory, step = locate_checkpoint(workdir, checkpoint)
     info = datasets.get_dataset_info(config.data.name)
     model = create_model(config.model, info.num_classes)
-    params = trainer.abstract_state(model, optax.identity(), mesh).params
-    tx, _ = optim.make_optimizer(config.train, params)
+    tx, _ = trainer.optimizer_for(config, model)
     ckpt = checkpointing.Checkpointer(directory, read_only=True)
     try:
         step = ckpt.latest_step() if step is None else step

@@ -77,6 +77,14 @@ def _initializer(model, tx: optax.GradientTransformation) -> Callable[[jax.Array
     return init
 
 
+def optimizer_for(
+    config: ml_collections.ConfigDict, model
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimiser of `config.train` for `model`'s parameters (their shapes only)."""
+    params = jax.eval_shape(_initializer(model, optax.identity()), jax.random.PRNGKey(0)).params
+    return optim.make_optimizer(config.train, params)
+
+
 def abstract_state(
     model, tx: optax.GradientTransformation, mesh: Mesh, rule: str = "replicated"
 ) -> TrainState:
@@ -299,10 +307,7 @@ def train_and_evaluate(
     )
     meta = checkpointing.run_metadata(config)
 
-    tx, schedule = optim.make_optimizer(
-        config.train,
-        jax.eval_shape(_initializer(model, optax.identity()), jax.random.PRNGKey(0)).params,
-    )
+    tx, schedule = optimizer_for(config, model)
     latest = ckpt.latest_step()
     if latest is None:
         state = init_state(config, model, tx, mesh)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hemnet_jax import optim, parallel, trainer
+from hemnet_jax import parallel, trainer
 from hemnet_jax.checkpointing import Checkpointer
 from hemnet_jax.cli import load_config_file
 from hemnet_jax.data import pipeline
@@ -200,8 +200,7 @@ def test_two_processes_agree_with_one(tiny_data_dir, tmp_path):
     config.model.dropout = 0.0
     mesh = parallel.create_mesh(jax.devices()[:4])
     model = create_model(config.model, num_classes=6)
-    abstract = trainer.abstract_state(model, optim.optax.identity(), mesh)
-    tx, schedule = optim.make_optimizer(config.train, abstract.params)
+    tx, schedule = trainer.optimizer_for(config, model)
     state = trainer.init_state(config, model, tx, mesh)
     initial = jax.device_get(state)
     step = trainer.make_train_step(model, tx, schedule, config, mesh)
@@ -260,9 +259,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data_dir, tmp_pa
     assert sorted(os.listdir(f"{tmp_path}/checkpoints")) == ["2"]  # nothing written after it
     model = create_model(config.model, num_classes=6)
     mesh = parallel.create_mesh(jax.devices()[:1])
-    tx, _ = optim.make_optimizer(
-        config.train, trainer.abstract_state(model, optim.optax.identity(), mesh).params
-    )
+    tx, _ = trainer.optimizer_for(config, model)
     restored, _ = ckpt.restore(trainer.abstract_state(model, tx, mesh), config)
     assert int(restored.step) == 2
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored.params))

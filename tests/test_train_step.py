@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from hemnet_jax import optim, parallel, trainer
+from hemnet_jax import parallel, trainer
 from hemnet_jax.models import create_model
 from tests.tiny import tiny_config
 
@@ -30,8 +30,7 @@ def setup():
 def _stepper(config, model, devices):
     """(initial state, step(state, numpy batch) -> (state, metrics)) on a mesh of `devices`."""
     mesh = parallel.create_mesh(devices)
-    abstract = trainer.abstract_state(model, optim.optax.identity(), mesh)
-    tx, schedule = optim.make_optimizer(config.train, abstract.params)
+    tx, schedule = trainer.optimizer_for(config, model)
     state = trainer.init_state(config, model, tx, mesh)
     train_step = trainer.make_train_step(model, tx, schedule, config, mesh)
     key = jax.device_put(jax.random.PRNGKey(1), parallel.replicated(mesh))

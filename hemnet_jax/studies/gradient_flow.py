@@ -325,7 +325,7 @@ def load_variables(
 ) -> tuple[dict[str, Any], int]:
     """(variables, step): the checkpoint of step `study.checkpoint_step` (default: the latest)
     in <workdir>/checkpoints, or without one a fresh initialisation (seed, model.pretrained)."""
-    from hemnet_jax import checkpointing, optim, trainer
+    from hemnet_jax import checkpointing, trainer
 
     directory = os.path.join(workdir, "checkpoints") if workdir else ""
     ckpt = None
@@ -335,10 +335,7 @@ def load_variables(
     step = config.study.checkpoint_step
     if latest is None and step is not None:
         raise FileNotFoundError(f"study.checkpoint_step={step}, but no checkpoint in {workdir!r}.")
-    params = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)
-    )["params"]
-    tx, _ = optim.make_optimizer(config.train, params)
+    tx, _ = trainer.optimizer_for(config, model)
     if latest is None:
         return trainer.init_state(config, model, tx, mesh).variables, 0
     state, _ = ckpt.restore(trainer.abstract_state(model, tx, mesh), config, step)
