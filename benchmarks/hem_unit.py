@@ -8,8 +8,9 @@ loss mean(out^2)), BatchNorm and bases in training mode:
         classifier), the part a PyTorch HEMNet would run differently from a ResNet.
 Variants: hem (eta = --step_size, gradients through the loop) and em (`config.emanet`: eta = 1,
 gradient-free loop, L2-normalised bases, temperature 1). The PyTorch side
-(`torch_reference.py`, same weights) runs in the same process on CUDA if present (bf16
-autocast with --dtype bfloat16), else on CPU. speedup = PyTorch time / JAX time.
+(`torch_reference.py`, same weights) runs in the same process on the device kind JAX uses (CUDA
+when JAX runs on a GPU; bf16 autocast with --dtype bfloat16 there).
+speedup = PyTorch time / JAX time.
 
 By default one axis at a time is swept around the base point (N = 65^2, K = 64, C = 512, T = 3,
 batch 1), bounded for a small CPU; --full runs the whole grid. Growth: least-squares slopes of
@@ -155,7 +156,7 @@ def measure_torch(module: str, m: ml_collections.ConfigDict, shape: tuple[int, .
     import torch
     import torch_reference as ref
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ref.torch_device()
     amp = dtype == "bfloat16" and device.type == "cuda"
     nchw = (shape[0], shape[-1], shape[1], shape[2]) if module != "core" else None
     if module == "core":

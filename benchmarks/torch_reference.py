@@ -1,11 +1,13 @@
-"""PyTorch HEM unit and HEMNet head, written only to time JAX against PyTorch eager.
+"""PyTorch HEMNet (dilated ResNet, HEM unit, head), written only to time JAX against PyTorch eager.
 
-The same math as `hemnet_jax.hem` / `hem_unit` / `models.hemnet` in EMANet's NCHW layout
+The same math as `hemnet_jax.hem` / `hem_unit` / `models` in EMANet's NCHW layout
 (x [B, C, N], bases [B, C, K], torch.bmm): conv1x1 -> T x (E-step, N-step) -> R-step -> ReLU ->
 conv1x1 -> BN -> (+ x) -> ReLU; the head is ConvBNReLU(3x3) -> unit -> ConvBNReLU(3x3) ->
-Dropout2d -> conv1x1 -> bilinear resize (align_corners=True). As in the JAX code, the EM loop
-runs in float32 also under autocast (AMP), and `load_flax` copies a Flax model's variables in,
-so both compute the same function (tests/test_benchmarks.py checks it).
+Dropout2d -> conv1x1 -> bilinear resize (align_corners=True); the backbone is torchvision's
+Bottleneck ResNet with EMANet's deep stem and dilations (`hemnet_jax.models.resnet.block_layout`),
+under torchvision's module names. As in the JAX code, the EM loop runs in float32 also under
+autocast (AMP), and `load_flax` copies a Flax model's variables in, so both compute the same
+function (tests/test_benchmarks.py checks it).
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ import math
 from typing import Any
 
 import flax
+import jax
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hemnet_jax import weights
+from hemnet_jax.models.resnet import EXPANSION, STAGE_SIZES, block_layout
 
 EPS = 1e-6  # hemnet_jax.hem.EPS
 
@@ -45,6 +51,11 @@ def unrolled_hem(
         if l2_normalize:
             mu = mu / (EPS + mu.norm(dim=1, keepdim=True))
     return mu, gamma
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 -> float32; float32 and float64 unchanged (as the JAX unit)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def r_step(gamma: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
@@ -88,7 +99,7 @@ class HEMUnit(nn.Module):
             torch.is_grad_enabled() and not self.stop_em_gradient
         ):
             mu, gamma = unrolled_hem(
-                feats.float(), mu0, num_iters=self.num_iters, step_size=self.step_size,
+                at_least_float32(feats), mu0, num_iters=self.num_iters, step_size=self.step_size,
                 temperature=self.temperature, kernel=self.kernel, l2_normalize=self.l2_normalize,
             )
         with torch.autocast(x.device.type, enabled=False):
@@ -135,7 +146,7 @@ class HEMHead(nn.Module):
 
     def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x = self.head_out(self.hem(self.head_in(features)))
-        logits = self.classifier.conv(self.dropout(x)).float()
+        logits = at_least_float32(self.classifier.conv(self.dropout(x)))
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
 
@@ -160,6 +171,117 @@ def head_from_config(m: Any, in_channels: int, num_classes: int) -> HEMHead:
     )
 
 
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck (stride on the 3x3 conv) with a dilated 3x3 conv."""
+
+    def __init__(self, cin: int, width: int, stride: int, dilation: int, project: bool,
+                 bn_momentum: float, bn_epsilon: float):
+        super().__init__()
+        cout = EXPANSION * width
+
+        def bn(c: int) -> nn.BatchNorm2d:
+            return nn.BatchNorm2d(c, eps=bn_epsilon, momentum=bn_momentum)
+
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), bn(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, padding=dilation, dilation=dilation,
+                               bias=False)
+        self.bn2 = bn(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), bn(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), bn(cout)) if project
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """Dilated ResNet, images [B, 3, H, W] -> stage-4 features [B, 32 * base_width, h, w]."""
+
+    def __init__(self, stage_sizes: tuple[int, ...], stem: str = "deep", base_width: int = 64,
+                 output_stride: int = 8, multi_grid: tuple[int, ...] = (1, 2, 4),
+                 bn_momentum: float = 0.1, bn_epsilon: float = 1e-5):
+        super().__init__()
+        self.stem, w = stem, base_width
+
+        def bn(c: int) -> nn.BatchNorm2d:
+            return nn.BatchNorm2d(c, eps=bn_epsilon, momentum=bn_momentum)
+
+        def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+            return nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False)
+
+        if stem == "deep":  # conv1.0 / .1 / .3 / .4 / .6, bn1: weights.STEM_NAMES["deep"]
+            self.conv1 = nn.Sequential(conv3x3(3, w, 2), bn(w), nn.ReLU(), conv3x3(w, w), bn(w),
+                                       nn.ReLU(), conv3x3(w, 2 * w))
+            cin = 2 * w
+        else:
+            self.conv1, cin = nn.Conv2d(3, w, 7, 2, padding=3, bias=False), w
+        self.bn1 = bn(cin)
+        layout = block_layout(stage_sizes, output_stride, multi_grid)
+        for stage, blocks in enumerate(layout):
+            layers = []
+            for i, (stride, dilation) in enumerate(blocks):
+                width = w * 2**stage
+                layers.append(Bottleneck(cin, width, stride, dilation, i == 0, bn_momentum,
+                                         bn_epsilon))
+                cin = EXPANSION * width
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class HEMNet(HEMHead):
+    """The whole network: images [B, 3, H, W] -> logits [B, classes, H, W] float32. The head's
+    modules sit at the top level and the ResNet under `backbone`, as in the Flax HEMNet."""
+
+    def __init__(self, backbone: ResNet, in_channels: int, num_classes: int, **head_kwargs: Any):
+        super().__init__(in_channels, num_classes, **head_kwargs)
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(self.backbone(images), size=tuple(images.shape[-2:]))
+
+
+def model_from_config(m: Any, num_classes: int) -> HEMNet:
+    """The PyTorch twin of `hemnet_jax.models.create_model(m, num_classes)` (no aux head)."""
+    if m.aux_head:
+        raise ValueError("The PyTorch reference has no auxiliary head: set model.aux_head=False.")
+    if m.backbone not in STAGE_SIZES:
+        raise ValueError(f"Unknown backbone {m.backbone!r}: expected one of {sorted(STAGE_SIZES)}.")
+    kwargs = unit_kwargs(m)
+    backbone = ResNet(
+        STAGE_SIZES[m.backbone], stem=m.stem, base_width=m.base_width,
+        output_stride=m.output_stride, multi_grid=tuple(m.multi_grid),
+        bn_momentum=kwargs["bn_momentum"], bn_epsilon=kwargs["bn_epsilon"],
+    )
+    return HEMNet(
+        backbone, 8 * EXPANSION * m.base_width, num_classes, head_channels=m.head_channels,
+        head_mid_channels=m.head_mid_channels, dropout=m.dropout, **kwargs,
+    )
+
+
+def torch_device() -> torch.device:
+    """The PyTorch device of the kind JAX computes on, so both are timed on the same hardware:
+    CUDA when JAX runs on a GPU (PyTorch must be a CUDA build then), else the CPU."""
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return torch.device("cpu")
+    if backend == "gpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    raise RuntimeError(
+        f"JAX runs on {backend} but PyTorch {torch.__version__} cannot use that device "
+        f"(CUDA available: {torch.cuda.is_available()}). Install a CUDA build of PyTorch "
+        "(pip install torch --index-url https://download.pytorch.org/whl/cu126) or pass "
+        "--no_torch."
+    )
+
+
 # Flax leaf name -> (PyTorch name, how the array is laid out for PyTorch).
 _LEAVES = {
     "kernel": ("weight", lambda a: a.transpose(3, 2, 0, 1)),  # HWIO -> OIHW
@@ -173,8 +295,9 @@ _LEAVES = {
 
 def load_flax(module: nn.Module, variables: dict[str, Any]) -> nn.Module:
     """Copies Flax variables (params, batch_stats, bases) into `module`, whose submodule names
-    mirror the Flax ones (`hem/conv_in/kernel` -> `hem.conv_in.weight`). Every tensor of the
-    module must be set exactly once."""
+    mirror the Flax ones (`hem/conv_in/kernel` -> `hem.conv_in.weight`; the backbone's under
+    torchvision's names, `weights.torch_key`). Every tensor of the module must be set exactly
+    once."""
     targets = dict(module.state_dict())
     targets = {k: v for k, v in targets.items() if not k.endswith("num_batches_tracked")}
     done = set()
@@ -182,7 +305,11 @@ def load_flax(module: nn.Module, variables: dict[str, Any]) -> nn.Module:
         flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get(collection, {})))
         for path, value in flat.items():
             name, layout = _LEAVES[path[-1]]
-            key = ".".join((*path[:-1], name))
+            if path[0] == "backbone":
+                stem = module.backbone.stem
+                key = "backbone." + weights.torch_key(collection, path[1:], stem)
+            else:
+                key = ".".join((*path[:-1], name))
             if key not in targets:
                 raise KeyError(f"{'/'.join(path)} ({collection}) has no PyTorch tensor {key}.")
             array = layout(np.asarray(value, np.float32))

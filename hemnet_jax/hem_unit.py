@@ -36,13 +36,16 @@ def init_bases(key: jax.Array, num_bases: int, channels: int) -> jax.Array:
 class Conv1x1(nn.Module):
     """A 1x1 convolution computed as a matmul over channels: nn.Conv's parameters (kernel
     [1, 1, Cin, Cout], optional bias), names, initialisation and dtype promotion, same values.
+    [..., H, W, Cin] -> [..., ceil(H / strides), ceil(W / strides), features], as nn.Conv with
+    "VALID" padding.
 
-    XLA's CPU backend runs the backward pass of a 1x1 `conv_general_dilated` about 2x slower
-    than the same contraction as a dot (benchmarks/README.md); GPU and TPU lower both to the
-    same matrix units."""
+    Used for the HEM unit's convs and the ResNet bottlenecks' 1x1 convs. XLA's CPU backend runs
+    the backward pass of a 1x1 `conv_general_dilated` about 2x slower than the same contraction
+    as a dot (benchmarks/README.md); GPU and TPU lower both to the same matrix units."""
 
     features: int
     use_bias: bool = True
+    strides: int = 1  # subsampling, as nn.Conv's strides with "VALID" padding for a 1x1 kernel
     kernel_init: Any = conv_init
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -56,6 +59,8 @@ class Conv1x1(nn.Module):
             self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
             if self.use_bias else None
         )
+        if self.strides > 1:
+            x = x[..., :: self.strides, :: self.strides, :]
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = jnp.einsum("...c,cd->...d", x, kernel[0, 0])
         return y if bias is None else y + bias

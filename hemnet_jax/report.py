@@ -100,7 +100,7 @@ def conv_macs(fn: Callable[..., Any], *args: Any) -> float:
         if isinstance(module, nn.Conv):
             cin = args[0].shape[-1] // module.feature_group_count
             total += math.prod(out.shape[:-1]) * math.prod(module.kernel_size) * cin * out.shape[-1]
-        elif isinstance(module, Conv1x1):  # the HEM unit's 1x1 convs, computed as matmuls
+        elif isinstance(module, Conv1x1):  # 1x1 convs computed as matmuls
             total += math.prod(out.shape[:-1]) * args[0].shape[-1] * out.shape[-1]
         return out
 

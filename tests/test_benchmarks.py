@@ -17,6 +17,9 @@ import hem_unit  # noqa: E402
 import torch_reference  # noqa: E402
 import train_step  # noqa: E402
 
+from hemnet_jax.models import create_model  # noqa: E402
+from tests.tiny import tiny_config  # noqa: E402
+
 
 def test_hem_unit_benchmark_writes_json(tmp_path):
     path = tmp_path / "hem_unit.json"
@@ -39,12 +42,24 @@ def test_hem_unit_benchmark_writes_json(tmp_path):
 
 
 def test_train_step_benchmark_writes_json(tmp_path):
+    """JAX on every device, and PyTorch (child process) on one device with the per-device batch,
+    in one run; speedup compares images/s per device."""
     path = tmp_path / "train_step.json"
     train_step.main(["--quick", "--peak_tflops", "1", "--json", str(path)])
     (row,) = json.loads(path.read_text())["rows"]
     assert row["images_per_s"] > 0 and np.isfinite(row["loss"])
     assert row["xla_tflop_per_step_per_device"] > 0 and row["compiled_peak_gib"] > 0
     assert 0 < row["mfu"] < 1 and row["devices"] == jax.device_count()
+    assert row["torch_device"] == "cpu" and row["torch_batch"] == row["batch"] // row["devices"]
+    assert row["torch_images_per_s"] > 0 and np.isfinite(row["torch_loss"])
+    assert row["speedup"] == pytest.approx(
+        row["images_per_s"] / row["devices"] / row["torch_images_per_s"])
+
+
+def test_train_step_benchmark_without_torch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_step.importlib.util, "find_spec", lambda name: None)
+    assert train_step.torch_in_child(["--quick"]) is None
+    assert "PyTorch is not installed" in capsys.readouterr().out
 
 
 def test_peak_table():
@@ -103,3 +118,64 @@ def test_torch_reference_matches_jax(module, variant):
     for name in (*hem_name, "mu"):
         bases = bases[name]
     np.testing.assert_allclose(unit_t.mu.numpy(), bases, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stem", ["deep", "torchvision"])
+def test_torch_hemnet_matches_jax(stem):
+    """The whole PyTorch network (dilated ResNet + head, `model_from_config`), run in float64 on
+    the JAX model's weights, computes the JAX HEMNet's logits: in eval mode, and in a
+    training-mode forward (BatchNorm on batch statistics, bases and running means updated) with
+    the same input gradient. Odd input size (33): strided convs and the max pool must pad and
+    round as PyTorch does; a wrong dilation or padding moves logits by 1e-2 or more.
+
+    Tolerances: eval agrees to 2e-7 (logits of scale 0.4). Training mode agrees to 2e-4 (scale
+    1.8) and input gradients to 1.5e-4 (scale 0.1): the JAX side's float32 rounding, amplified
+    by BatchNorm over 50 values per channel in layer4; Flax's one-pass variance
+    E[x^2] - E[x]^2 is most of it (two-pass: 1e-4)."""
+    m = tiny_config().model
+    m.stem, m.dropout, m.bn_momentum = stem, 0.0, 0.5
+    model = create_model(m, hem_unit.NUM_CLASSES)
+    images = jax.random.normal(jax.random.key(0), (2, 33, 33, 3))
+    variables = model.init(jax.random.key(1), images, train=False)
+    # Running statistics from other images, so that eval-mode BatchNorm normalises real
+    # activations (the initial ones leave the head's ReLUs dead and the logits constant).
+    _, stats = model.apply(variables, jax.random.normal(jax.random.key(2), images.shape),
+                           train=True, mutable=hem_unit.MUTABLE)
+    variables = {**variables, **stats}
+    net = torch_reference.load_flax(
+        torch_reference.model_from_config(m, hem_unit.NUM_CLASSES), variables).double()
+    images_t = torch.tensor(np.asarray(images).transpose(0, 3, 1, 2), dtype=torch.float64,
+                            requires_grad=True)
+    to_nhwc = lambda t: t.detach().numpy().transpose(0, 2, 3, 1)  # noqa: E731
+
+    net.eval()
+    with torch.no_grad():
+        logits_t = to_nhwc(net(images_t))
+    logits = model.apply(variables, images, train=False)["logits"]
+    assert logits_t.std() > 0.1  # not a constant map
+    np.testing.assert_allclose(logits, logits_t, rtol=1e-5, atol=1e-6)
+
+    def loss(images):
+        out, updates = model.apply(variables, images, train=True, mutable=hem_unit.MUTABLE)
+        return jnp.mean(jnp.square(out["logits"])), (out["logits"], updates)
+
+    (_, (logits, updates)), grad = jax.value_and_grad(loss, has_aux=True)(images)
+    net.train()
+    logits_t = net(images_t)
+    logits_t.square().mean().backward()
+    np.testing.assert_allclose(logits, to_nhwc(logits_t), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(grad, to_nhwc(images_t.grad), rtol=0, atol=5e-4)
+    np.testing.assert_allclose(updates["bases"]["hem"]["mu"], net.hem.mu.numpy(),
+                               rtol=1e-5, atol=1e-6)
+    # Running means only: PyTorch keeps the unbiased running variance, Flax the biased one.
+    bn = updates["batch_stats"]["backbone"]["layer4_2"]["bn3"]
+    np.testing.assert_allclose(bn["mean"], net.backbone.layer4[2].bn3.running_mean.numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_torch_reference_has_no_aux_head():
+
+    m = tiny_config().model
+    m.aux_head = True
+    with pytest.raises(ValueError, match="aux_head"):
+        torch_reference.model_from_config(m, 3)

@@ -8,8 +8,10 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from hemnet_jax.models.layers import Conv1x1
 from hemnet_jax.models.resnet import STAGE_SIZES, ResNet, block_layout
 
 
@@ -59,13 +61,17 @@ def pair(v):
 
 
 def trace_convs(model, image_size=65):
-    """{module path: (strides, kernel_dilation, kernel_size)} of every nn.Conv, from a trace."""
+    """{module path: (strides, kernel_dilation, kernel_size)} of every nn.Conv and Conv1x1, from
+    a trace."""
     convs = {}
 
     def record(next_fun, args, kwargs, context):
         m = context.module
-        if isinstance(m, nn.Conv) and context.method_name == "__call__":
-            convs["/".join(m.path)] = (pair(m.strides), pair(m.kernel_dilation), m.kernel_size)
+        if context.method_name == "__call__":
+            if isinstance(m, nn.Conv):
+                convs["/".join(m.path)] = (pair(m.strides), pair(m.kernel_dilation), m.kernel_size)
+            elif isinstance(m, Conv1x1):
+                convs["/".join(m.path)] = (pair(m.strides), (1, 1), (1, 1))
         return next_fun(*args, **kwargs)
 
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
@@ -149,3 +155,43 @@ def test_bfloat16_compute_float32_state():
     assert out["stage4"].dtype == jnp.bfloat16
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(variables)}
     assert dtypes == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("size", [7, 8])
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_conv1x1_is_a_1x1_conv(size, strides, use_bias):
+    """Conv1x1 (a matmul) computes nn.Conv's 1x1 "VALID" conv from the same parameters: values,
+    input and parameter gradients (float64; odd and even sizes, strided)."""
+    with jax.enable_x64():
+        x = jax.random.normal(jax.random.key(0), (2, size, size, 5), jnp.float64)
+        conv = nn.Conv(3, (1, 1), strides=strides, padding="VALID", use_bias=use_bias,
+                       dtype=jnp.float64, param_dtype=jnp.float64)
+        matmul = Conv1x1(3, use_bias=use_bias, strides=strides, dtype=jnp.float64,
+                         param_dtype=jnp.float64)
+        params = conv.init(jax.random.key(1), x)
+        assert jax.tree.map(jnp.shape, matmul.init(jax.random.key(1), x)) == jax.tree.map(
+            jnp.shape, params)
+        if use_bias:  # a non-zero bias, so that its gradient and value are both checked
+            params = {"params": {**params["params"], "bias": jnp.arange(3.0)}}
+
+        def loss(module, p, x):
+            return jnp.sum(jnp.sin(module.apply(p, x)))
+
+        ref = conv.apply(params, x)
+        out = matmul.apply(params, x)
+        assert out.shape == ref.shape == (2, -(-size // strides), -(-size // strides), 3)
+        np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+        g_ref = jax.grad(lambda p, x: loss(conv, p, x), (0, 1))(params, x)
+        g_out = jax.grad(lambda p, x: loss(matmul, p, x), (0, 1))(params, x)
+        for a, b in zip(jax.tree.leaves(g_out), jax.tree.leaves(g_ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_conv1x1_promotes_dtypes_as_nn_conv():
+    x = jnp.ones((1, 4, 4, 8), jnp.float32)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        conv = nn.Conv(4, (1, 1), dtype=dtype)
+        matmul = Conv1x1(4, dtype=dtype)
+        params = conv.init(jax.random.key(0), x)
+        assert matmul.apply(params, x).dtype == conv.apply(params, x).dtype == dtype

@@ -72,10 +72,15 @@ def test_eight_devices_equal_one(setup):
             relative = np.linalg.norm(eight - one) / np.linalg.norm(one - before)
             assert relative < tolerance, (name, relative)
         # Momentum buffers are raw gradients: this network amplifies rounding ~400x there (a
-        # 1e-6 relative change of the parameters moves some gradients by 4e-4, measured).
+        # 1e-6 relative change of the parameters moves some gradients by 4e-4, measured). So
+        # each buffer is compared as a whole, by relative norm: at most 1.2e-4 measured over
+        # the three steps. Element by element, small entries of large buffers differ by more
+        # (the stem's, of scale 0.6, by up to 1.4e-5 absolute: float32 sums over 8 x 32 x 32
+        # pixels in another order).
         for a, b in zip(jax.tree.leaves(state1.opt_state), jax.tree.leaves(state8.opt_state),
                         strict=True):
-            np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5, err_msg="opt_state")
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            assert np.linalg.norm(b - a) <= 1e-3 * np.linalg.norm(a), ("opt_state", a.shape)
         state = state1
     assert int(state.step) == 3
     assert np.isfinite(metrics1["loss"])

@@ -1,4 +1,5 @@
-"""Building blocks shared by the backbone and the heads: initialisers, padding, ConvBNReLU.
+"""Building blocks shared by the backbone and the heads: initialisers, padding, Conv1x1,
+ConvBNReLU.
 
 Initialisation follows EMANet's code (REFERENCE.md):
   - backbone convs (and the HEM unit's): Normal(0, sqrt(2 / (k * k * out_channels))), untruncated;
@@ -17,7 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Normal(0, sqrt(2 / (k * k * out_channels))), shared with the HEM unit.
+# Shared with the HEM unit: Normal(0, sqrt(2 / (k * k * out_channels))) and the 1x1 conv as a
+# matmul.
+from hemnet_jax.hem_unit import Conv1x1 as Conv1x1
 from hemnet_jax.hem_unit import conv_init as conv_init
 
 Initializer = Any

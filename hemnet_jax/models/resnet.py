@@ -5,6 +5,7 @@
   3x3 max pool stride 2. Stem "torchvision": 7x7 conv 3->64 stride 2, BN, ReLU, max pool.
 - Output stride 16: layer4 dilated (2) instead of strided. Output stride 8: layer3 (2) and
   layer4 (4) dilated. See `block_layout` for the per-block dilations with multi-grid.
+- The 1x1 convs (conv1, conv3, downsample) are `Conv1x1` matmuls, with nn.Conv's parameters.
 - Padding is PyTorch's symmetric dilation * (k - 1) / 2, so converted ImageNet weights compute
   exactly what they computed in PyTorch (odd and even input sizes).
 
@@ -22,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hemnet_jax.models.layers import conv_init, same_padding
+from hemnet_jax.models.layers import Conv1x1, conv_init, same_padding
 
 Stem = Literal["deep", "torchvision"]
 ModuleDef = Any
@@ -76,6 +77,7 @@ class Bottleneck(nn.Module):
 
     width: int
     conv: ModuleDef
+    conv1x1: ModuleDef
     norm: ModuleDef
     strides: int = 1
     dilation: int = 1
@@ -84,16 +86,16 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = self.dilation
-        y = nn.relu(self.norm(name="bn1")(self.conv(self.width, (1, 1), name="conv1")(x)))
+        y = nn.relu(self.norm(name="bn1")(self.conv1x1(self.width, name="conv1")(x)))
         y = self.conv(
             self.width, (3, 3), strides=self.strides, padding=same_padding(3, d),
             kernel_dilation=d, name="conv2",
         )(y)
         y = nn.relu(self.norm(name="bn2")(y))
-        y = self.norm(name="bn3")(self.conv(EXPANSION * self.width, (1, 1), name="conv3")(y))
+        y = self.norm(name="bn3")(self.conv1x1(EXPANSION * self.width, name="conv3")(y))
         if self.project:
-            x = self.conv(
-                EXPANSION * self.width, (1, 1), strides=self.strides, name="downsample_conv"
+            x = self.conv1x1(
+                EXPANSION * self.width, strides=self.strides, name="downsample_conv"
             )(x)
             x = self.norm(name="downsample_bn")(x)
         return nn.relu(y + x)
@@ -132,6 +134,10 @@ class ResNet(nn.Module):
             nn.Conv, use_bias=False, padding="VALID", kernel_init=conv_init, dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
+        conv1x1 = functools.partial(
+            Conv1x1, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         norm = functools.partial(
             nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
             epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -145,8 +151,9 @@ class ResNet(nn.Module):
         for stage, blocks in enumerate(layout):
             for i, (stride, dilation) in enumerate(blocks):
                 x = Bottleneck(
-                    self.base_width * 2**stage, conv=conv, norm=norm, strides=stride,
-                    dilation=dilation, project=i == 0, name=f"layer{stage + 1}_{i}",
+                    self.base_width * 2**stage, conv=conv, conv1x1=conv1x1, norm=norm,
+                    strides=stride, dilation=dilation, project=i == 0,
+                    name=f"layer{stage + 1}_{i}",
                 )(x)
             features[f"stage{stage + 1}"] = x
         return {"stage3": features["stage3"], "stage4": features["stage4"]}
