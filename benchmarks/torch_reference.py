@@ -12,7 +12,9 @@ function (tests/test_benchmarks.py checks it).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hemnet_jax import weights
-from hemnet_jax.models.resnet import EXPANSION, STAGE_SIZES, block_layout
+from hemnet_jax.models.resnet import EXPANSION, block_layout, stage_sizes
 
 EPS = 1e-6  # hemnet_jax.hem.EPS
 
@@ -175,13 +177,9 @@ class Bottleneck(nn.Module):
     """torchvision's Bottleneck (stride on the 3x3 conv) with a dilated 3x3 conv."""
 
     def __init__(self, cin: int, width: int, stride: int, dilation: int, project: bool,
-                 bn_momentum: float, bn_epsilon: float):
+                 bn: Callable[[int], nn.BatchNorm2d]):
         super().__init__()
         cout = EXPANSION * width
-
-        def bn(c: int) -> nn.BatchNorm2d:
-            return nn.BatchNorm2d(c, eps=bn_epsilon, momentum=bn_momentum)
-
         self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), bn(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride, padding=dilation, dilation=dilation,
                                bias=False)
@@ -208,8 +206,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.stem, w = stem, base_width
 
-        def bn(c: int) -> nn.BatchNorm2d:
-            return nn.BatchNorm2d(c, eps=bn_epsilon, momentum=bn_momentum)
+        bn = functools.partial(nn.BatchNorm2d, eps=bn_epsilon, momentum=bn_momentum)
 
         def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
             return nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False)
@@ -226,8 +223,7 @@ class ResNet(nn.Module):
             layers = []
             for i, (stride, dilation) in enumerate(blocks):
                 width = w * 2**stage
-                layers.append(Bottleneck(cin, width, stride, dilation, i == 0, bn_momentum,
-                                         bn_epsilon))
+                layers.append(Bottleneck(cin, width, stride, dilation, i == 0, bn))
                 cin = EXPANSION * width
             setattr(self, f"layer{stage + 1}", nn.Sequential(*layers))
 
@@ -252,11 +248,9 @@ def model_from_config(m: Any, num_classes: int) -> HEMNet:
     """The PyTorch twin of `hemnet_jax.models.create_model(m, num_classes)` (no aux head)."""
     if m.aux_head:
         raise ValueError("The PyTorch reference has no auxiliary head: set model.aux_head=False.")
-    if m.backbone not in STAGE_SIZES:
-        raise ValueError(f"Unknown backbone {m.backbone!r}: expected one of {sorted(STAGE_SIZES)}.")
     kwargs = unit_kwargs(m)
     backbone = ResNet(
-        STAGE_SIZES[m.backbone], stem=m.stem, base_width=m.base_width,
+        stage_sizes(m.backbone), stem=m.stem, base_width=m.base_width,
         output_stride=m.output_stride, multi_grid=tuple(m.multi_grid),
         bn_momentum=kwargs["bn_momentum"], bn_epsilon=kwargs["bn_epsilon"],
     )
@@ -277,8 +271,8 @@ def torch_device() -> torch.device:
     raise RuntimeError(
         f"JAX runs on {backend} but PyTorch {torch.__version__} cannot use that device "
         f"(CUDA available: {torch.cuda.is_available()}). Install a CUDA build of PyTorch "
-        "(pip install torch --index-url https://download.pytorch.org/whl/cu126) or pass "
-        "--no_torch."
+        "(pip install torch --index-url https://download.pytorch.org/whl/cu126), or time JAX "
+        "alone (hem_unit.py --no_torch, train_step.py --framework jax)."
     )
 
 

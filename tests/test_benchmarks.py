@@ -179,3 +179,10 @@ def test_torch_reference_has_no_aux_head():
     m.aux_head = True
     with pytest.raises(ValueError, match="aux_head"):
         torch_reference.model_from_config(m, 3)
+
+
+def test_torch_reference_rejects_an_unknown_backbone():
+    m = tiny_config().model
+    m.backbone = "resnet34"
+    with pytest.raises(ValueError, match=r"'resnet34'.*resnet101"):
+        torch_reference.model_from_config(m, 3)

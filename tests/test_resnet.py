@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hemnet_jax.config import model_config
+from hemnet_jax.models import create_backbone
 from hemnet_jax.models.layers import Conv1x1
 from hemnet_jax.models.resnet import STAGE_SIZES, ResNet, block_layout
 
@@ -195,3 +197,10 @@ def test_conv1x1_promotes_dtypes_as_nn_conv():
         matmul = Conv1x1(4, dtype=dtype)
         params = conv.init(jax.random.key(0), x)
         assert matmul.apply(params, x).dtype == conv.apply(params, x).dtype == dtype
+
+
+def test_unknown_backbone_names_the_choices():
+    config = model_config()
+    config.backbone = "resnet34"
+    with pytest.raises(ValueError, match=r"'resnet34'.*resnet101"):
+        create_backbone(config)

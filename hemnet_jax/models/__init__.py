@@ -7,7 +7,7 @@ import ml_collections
 
 from hemnet_jax.hem_unit import HEMUnit
 from hemnet_jax.models.hemnet import HEMNet
-from hemnet_jax.models.resnet import STAGE_SIZES, ResNet
+from hemnet_jax.models.resnet import ResNet, stage_sizes
 
 __all__ = ["HEMNet", "ResNet", "create_backbone", "create_model"]
 
@@ -16,12 +16,8 @@ def create_backbone(
     model_config: ml_collections.ConfigDict, *, axis_name: str | None = None
 ) -> ResNet:
     """The ResNet of `model_config` (backbone, stem, output_stride, multi_grid, base_width)."""
-    if model_config.backbone not in STAGE_SIZES:
-        raise ValueError(
-            f"Unknown backbone {model_config.backbone!r}: expected one of {sorted(STAGE_SIZES)}."
-        )
     return ResNet(
-        stage_sizes=STAGE_SIZES[model_config.backbone],
+        stage_sizes=stage_sizes(model_config.backbone),
         stem=model_config.stem,
         base_width=model_config.base_width,
         output_stride=model_config.output_stride,

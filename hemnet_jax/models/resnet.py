@@ -37,6 +37,14 @@ STAGE_SIZES: dict[str, tuple[int, int, int, int]] = {
 EXPANSION = 4  # bottleneck output channels = 4 * width
 
 
+def stage_sizes(backbone: str) -> tuple[int, int, int, int]:
+    """Blocks per stage of a backbone name (`config.model.backbone`), e.g. resnet101 -> (3, 4,
+    23, 3); a ValueError naming the choices for an unknown name."""
+    if backbone not in STAGE_SIZES:
+        raise ValueError(f"Unknown backbone {backbone!r}: expected one of {sorted(STAGE_SIZES)}.")
+    return STAGE_SIZES[backbone]
+
+
 def block_layout(
     stage_sizes: Sequence[int], output_stride: int, multi_grid: Sequence[int]
 ) -> tuple[tuple[tuple[int, int], ...], ...]:
