@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 
 from hemnet_jax import cli
+from hemnet_jax.evaluation import runner
+from hemnet_jax.training import checkpointing, sharding, state
 
 
 def define_flags() -> None:
@@ -26,19 +28,17 @@ def define_flags() -> None:
 def main(argv):
     cli.no_extra_arguments(argv)
     cli.require_checkpoint_source()
-    from hemnet_jax import checkpointing, eval_runner, restore
-
     cli.quiet_library_logs()
-    cli.initialize_distributed_from_flags()
+    sharding.initialize_distributed(**cli.distributed_args())
     config = flags.FLAGS.config
     try:
-        eval_runner.parse_sweep(config.eval.num_iters_sweep)
+        runner.parse_sweep(config.eval.num_iters_sweep)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     logging.info("Config:\n%s", config)
     try:
-        eval_runner.evaluate(config, workdir=flags.FLAGS.workdir, checkpoint=flags.FLAGS.checkpoint)
-    except (checkpointing.CheckpointMismatchError, restore.CheckpointNotFoundError) as e:
+        runner.evaluate(config, workdir=flags.FLAGS.workdir, checkpoint=flags.FLAGS.checkpoint)
+    except (checkpointing.CheckpointMismatchError, state.CheckpointNotFoundError) as e:
         print(f"FATAL: {e}", file=sys.stderr)
         sys.exit(1)
 

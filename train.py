@@ -10,7 +10,8 @@ import sys
 
 from absl import flags, logging
 
-from hemnet_jax import cli
+from hemnet_jax import cli, trainer
+from hemnet_jax.training import sharding
 
 
 def define_flags() -> None:
@@ -22,10 +23,8 @@ def define_flags() -> None:
 
 def main(argv):
     cli.no_extra_arguments(argv)
-    from hemnet_jax import trainer  # after flag parsing: JAX starts up here
-
     cli.quiet_library_logs()
-    cli.initialize_distributed_from_flags()
+    sharding.initialize_distributed(**cli.distributed_args())
     config = flags.FLAGS.config
     logging.info("Config:\n%s", config)
     try:

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from hemnet_jax import config as cfg
-from hemnet_jax import hem, report
-from hemnet_jax.models import create_model
+from hemnet_jax import hem
+from hemnet_jax.models import create_model, report
 
 AXES = ("side", "k", "c", "t", "batch")  # N = side^2 pixels
 GRIDS = {

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hemnet_jax import weights
+from hemnet_jax.models import weights
 from hemnet_jax.models.resnet import EXPANSION, block_layout, stage_sizes
 
 EPS = 1e-6  # hemnet_jax.hem.EPS

@@ -1,15 +1,15 @@
 """Full HEMNet train step: images/s, peak memory and model FLOPs utilisation, JAX beside PyTorch.
 
-The JAX step is `hemnet_jax.trainer.make_train_step` (forward, loss, backward, SGD update, BN
-and bases updates) over a mesh of all local devices, on synthetic images and labels already on
-device (the input pipeline has its own benchmark). Peak memory: the allocator's peak where the
-device reports one (GPU, TPU), and the compiled executable's peak (XLA memory analysis,
+The JAX step is `hemnet_jax.training.train_step.make_train_step` (forward, loss, backward, SGD
+update, BN and bases updates) over a mesh of all local devices, on synthetic images and labels
+already on device (the input pipeline has its own benchmark). Peak memory: the allocator's peak
+where the device reports one (GPU, TPU), and the compiled executable's peak (XLA memory analysis,
 per device) everywhere. MFU = XLA cost-analysis FLOPs of the compiled step (per device) / step
 time / the device's peak dense bf16 matrix FLOP/s (PEAK_TFLOPS by device kind, or
 --peak_tflops); the same peak for float32 runs, so fp32 and bf16 MFU compare against one
 hardware limit. XLA counts a `scan` body once (the HEM loop's T iterations as one) and only
 conv taps inside the unpadded input (less than a dense count for dilated convs); the dense
-count, 3 x 2 x the forward's conv multiply-adds (`hemnet_jax.report.conv_macs`), is reported
+count, 3 x 2 x the forward's conv multiply-adds (`hemnet_jax.models.report.conv_macs`), is reported
 beside it as mfu_dense.
 
 PyTorch: the same network (`torch_reference.model_from_config`: dilated ResNet, HEM unit,
@@ -44,8 +44,10 @@ import ml_collections
 import numpy as np
 
 from hemnet_jax import config as cfg
-from hemnet_jax import parallel, report, trainer
-from hemnet_jax.models import create_model
+from hemnet_jax.models import create_model, report
+from hemnet_jax.training import sharding
+from hemnet_jax.training.state import init_state, optimizer_for
+from hemnet_jax.training.train_step import make_train_step
 
 # Peak dense bf16 matrix TFLOP/s per device, matched in order on the lower-cased device_kind.
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -245,16 +247,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = cfg.base_config()
     config.model = model_config(args)
     config.train.batch_size = args.batch_size
-    mesh = parallel.create_mesh()
+    mesh = sharding.create_mesh()
     devices = list(mesh.devices.flat)
     model = create_model(config.model, NUM_CLASSES)
-    tx, schedule = trainer.optimizer_for(config, model)
-    state = trainer.init_state(config, model, tx, mesh)
-    batch = parallel.global_batch(synthetic_batch(args), mesh)
-    key = jax.device_put(jax.random.PRNGKey(1), parallel.replicated(mesh))
+    tx, schedule = optimizer_for(config, model)
+    state = init_state(config, model, tx, mesh)
+    batch = sharding.global_batch(synthetic_batch(args), mesh)
+    key = jax.device_put(jax.random.PRNGKey(1), sharding.replicated(mesh))
 
     t0 = time.perf_counter()
-    compiled = trainer.make_train_step(model, tx, schedule, config, mesh).lower(
+    compiled = make_train_step(model, tx, schedule, config, mesh).lower(
         state, batch, key).compile()
     compile_s = time.perf_counter() - t0
     flops, compiled_peak = report.compiled_cost(compiled)  # per device

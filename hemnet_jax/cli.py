@@ -11,10 +11,12 @@ import importlib.util
 import logging as std_logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -85,8 +87,6 @@ def quiet_library_logs() -> None:
 
 def define_config_flag(help_text: str = "A configs/*.py file, optionally with :variant.") -> None:
     """`--config FILE[:ARG]` with `--config.key=value` overrides of existing keys only."""
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
     flags.mark_flag_as_required("config")
 
@@ -101,14 +101,12 @@ def define_checkpoint_flags() -> None:
 
 def require_checkpoint_source() -> None:
     """Usage error unless --workdir or --checkpoint was given."""
-    from absl import app
-
     if not (flags.FLAGS.workdir or flags.FLAGS.checkpoint):
         raise app.UsageError("Pass --workdir (its latest checkpoint) or --checkpoint PATH.")
 
 
 def define_distributed_flags() -> None:
-    """Multi-process flags; `initialize_distributed_from_flags` acts on them."""
+    """Multi-process flags; `distributed_args` reads them."""
     flags.DEFINE_string("coordinator_address", "", "Multi-process: the coordinator's HOST:PORT.")
     flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes in all.")
     flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
@@ -117,25 +115,23 @@ def define_distributed_flags() -> None:
     )
 
 
-def initialize_distributed_from_flags() -> None:
-    from hemnet_jax import parallel
-
+def distributed_args() -> dict[str, Any]:
+    """The multi-process flags as `training.sharding.initialize_distributed`'s arguments."""
     f = flags.FLAGS
-    parallel.initialize_distributed(
-        f.coordinator_address, f.num_processes, f.process_id, f.distributed
-    )
+    return {
+        "coordinator_address": f.coordinator_address,
+        "num_processes": f.num_processes,
+        "process_id": f.process_id,
+        "force": f.distributed,
+    }
 
 
 def no_extra_arguments(argv: Sequence[str]) -> None:
-    from absl import app
-
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
 
 
 def run(main, define_flags) -> None:
     """A program's `__main__`: define its flags, then absl's app.run with our flag parser."""
-    from absl import app
-
     define_flags()
     app.run(main, flags_parser=parse_flags)

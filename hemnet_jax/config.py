@@ -83,7 +83,7 @@ def train_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     t.profile = False  # a trace of a few steps into the workdir (TensorBoard's profile tab)
     t.grad_flow_every = 0  # per-HEM-layer gradient magnitudes every N steps (0: off)
-    t.state_sharding = "replicated"  # how params/optimiser state lie on the mesh (parallel.py)
+    t.state_sharding = "replicated"  # params/optimiser state on the mesh (training/sharding.py)
     return t
 
 

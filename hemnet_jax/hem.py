@@ -6,7 +6,7 @@ Notation follows the HEMNet paper (Song, Kim, Shim, AAAI 2021), sections 3-4:
   gamma: [..., N, K]  responsibilities (attention maps), rows sum to one over K
 
 Every function is batched over any leading axes ("...") that x, mu and gamma share (or broadcast).
-Nothing here holds state: the Flax wiring lives in `hemnet_jax.modules`.
+Nothing here holds state: the Flax wiring lives in `hemnet_jax.models.hem_unit`.
 
 Precision: softmax, normalisers and the ELBO are computed in at least float32 (float64 stays
 float64); results come back in the promoted input dtype.

@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hemnet_jax import checkpointing, eval_runner, evaluation, parallel, restore, trainer
+from hemnet_jax import trainer
+from hemnet_jax.evaluation import predictors, runner
 from hemnet_jax.models import create_model
 from hemnet_jax.models.resize import interpolation_matrix
+from hemnet_jax.training import checkpointing, sharding
+from hemnet_jax.training.state import CheckpointNotFoundError, locate_checkpoint, restore_for_eval
 from tests.tiny import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +38,7 @@ def trained(tiny_data_dir, tmp_path_factory) -> str:
     evaluated on 8: restoring reshards)."""
     workdir = str(tmp_path_factory.mktemp("run"))
     trainer.train_and_evaluate(_config(tiny_data_dir), workdir, stop_after=TRAIN_STEPS,
-                               mesh=parallel.create_mesh(jax.devices()[:1]))
+                               mesh=sharding.create_mesh(jax.devices()[:1]))
     return workdir
 
 
@@ -51,20 +54,20 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_resize_matrices_resample_each_real_region():
     out_valid, in_valid = np.array([7, 1, 0, 12]), np.array([5, 3, 0, 9])
-    m = np.asarray(evaluation.resize_matrices(12, 9, out_valid, in_valid))
+    m = np.asarray(predictors.resize_matrices(12, 9, out_valid, in_valid))
     assert m.shape == (4, 12, 9)
     for b, (o, i) in enumerate(zip(out_valid, in_valid, strict=True)):
         expected = np.zeros((12, 9), np.float32)
         if o and i:
             expected[:o, :i] = interpolation_matrix(o, i)
         np.testing.assert_allclose(m[b], expected, atol=1e-6, err_msg=f"example {b}")
-    identity = np.asarray(evaluation.resize_matrices(6, 6, np.array([6, 4]), np.array([6, 4])))
+    identity = np.asarray(predictors.resize_matrices(6, 6, np.array([6, 4]), np.array([6, 4])))
     np.testing.assert_array_equal(identity[0], np.eye(6))
     np.testing.assert_array_equal(identity[1], np.diag([1, 1, 1, 1, 0, 0]))
 
 
 def test_flip_matrices_mirror_real_columns_only():
-    f = np.asarray(evaluation.flip_matrices(5, np.array([3, 5, 0])))
+    f = np.asarray(predictors.flip_matrices(5, np.array([3, 5, 0])))
     row = np.arange(5.0)
     np.testing.assert_array_equal(f[0] @ row, [2, 1, 0, 3, 4])  # padding stays at the right
     np.testing.assert_array_equal(f[1] @ row, [4, 3, 2, 1, 0])
@@ -115,7 +118,7 @@ def _real(probs, batch, b):
 
 def test_flip_view_sees_the_mirrored_image_padded_at_the_right():
     batch, stub = _asymmetric_batch(), PointwiseStub(record=True)
-    evaluation.multi_scale_predictor(stub, scales=(1.0,), flip=True)({}, batch)
+    predictors.multi_scale_predictor(stub, scales=(1.0,), flip=True)({}, batch)
     plain, flipped = stub.seen
     image = np.asarray(batch["image"])
     assert not np.allclose(image[0], image[0, :, ::-1])  # asymmetric
@@ -128,15 +131,15 @@ def test_flip_view_sees_the_mirrored_image_padded_at_the_right():
 
 def test_flip_path_unflips_its_prediction():
     batch = _asymmetric_batch()
-    single = evaluation.single_scale_predictor(PointwiseStub())({}, batch)
-    both = evaluation.multi_scale_predictor(PointwiseStub(), scales=(1.0,), flip=True)({}, batch)
+    single = predictors.single_scale_predictor(PointwiseStub())({}, batch)
+    both = predictors.multi_scale_predictor(PointwiseStub(), scales=(1.0,), flip=True)({}, batch)
     for b in range(2):  # a flip-equivariant model: the un-flipped flip view is the plain one
         np.testing.assert_allclose(_real(both, batch, b), _real(single, batch, b), atol=1e-5)
     assert not np.allclose(_real(single, batch, 0), _real(single, batch, 0)[:, ::-1], atol=1e-3)
 
     # A model that ignores the image: the flip view's columns come back mirrored.
-    ramp = evaluation.single_scale_predictor(RampStub())({}, batch)
-    both = evaluation.multi_scale_predictor(RampStub(), scales=(1.0,), flip=True)({}, batch)
+    ramp = predictors.single_scale_predictor(RampStub())({}, batch)
+    both = predictors.multi_scale_predictor(RampStub(), scales=(1.0,), flip=True)({}, batch)
     for b in range(2):
         p = _real(ramp, batch, b)
         np.testing.assert_allclose(_real(both, batch, b), (p + p[:, ::-1]) / 2, atol=1e-6)
@@ -144,7 +147,7 @@ def test_flip_path_unflips_its_prediction():
 
 def test_multi_scale_probabilities_cover_real_pixels_only():
     batch = _asymmetric_batch()
-    predict = evaluation.multi_scale_predictor(PointwiseStub(), scales=(0.5, 0.75, 1.5), flip=True)
+    predict = predictors.multi_scale_predictor(PointwiseStub(), scales=(0.5, 0.75, 1.5), flip=True)
     probs = np.asarray(jax.jit(predict)({}, batch))
     np.testing.assert_allclose(probs[0].sum(-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probs[1, :4, :5].sum(-1), 1.0, atol=1e-5)
@@ -170,8 +173,8 @@ def tiny_model():
 
 def test_multi_scale_at_scale_one_without_flip_equals_single_scale(tiny_model):
     model, variables, batch = tiny_model
-    ss = jax.jit(evaluation.single_scale_predictor(model))(variables, batch)
-    ms = jax.jit(evaluation.multi_scale_predictor(model, scales=(1.0,), flip=False))(
+    ss = jax.jit(predictors.single_scale_predictor(model))(variables, batch)
+    ms = jax.jit(predictors.multi_scale_predictor(model, scales=(1.0,), flip=False))(
         variables, batch)
     for b in range(2):
         np.testing.assert_allclose(_real(ms, batch, b), _real(ss, batch, b), atol=1e-6)
@@ -181,13 +184,13 @@ def test_multi_scale_flip_runs_on_the_tiny_model(tiny_model):
     model, variables, batch = tiny_model
     config = tiny_config()
     config.eval.multi_scale, config.eval.scales, config.eval.flip = True, (0.75,), True
-    probs = np.asarray(jax.jit(evaluation.make_predictor(model, config.eval, num_iters=3))(
+    probs = np.asarray(jax.jit(predictors.make_predictor(model, config.eval, num_iters=3))(
         variables, batch))
     assert probs.shape == (2, 32, 32, 6) and np.all(np.isfinite(probs))
     np.testing.assert_allclose(probs[0].sum(-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probs[1, :24, :20].sum(-1), 1.0, atol=1e-5)
     assert np.all(probs[1, 24:] == 0)
-    ss = jax.jit(evaluation.single_scale_predictor(model))(variables, batch)
+    ss = jax.jit(predictors.single_scale_predictor(model))(variables, batch)
     assert not np.allclose(probs[0], np.asarray(ss)[0], atol=1e-4)  # the views did something
 
 
@@ -196,7 +199,7 @@ def test_multi_scale_flip_runs_on_the_tiny_model(tiny_model):
 
 
 def _labelled_pixels(config) -> int:
-    batches, _ = trainer.eval_batches(config, parallel.create_mesh())
+    batches, _ = trainer.eval_batches(config, sharding.create_mesh())
     return int(sum((b["label"] != 255).sum() for b in batches))
 
 
@@ -228,11 +231,11 @@ def test_sweep_restores_once_and_matches_single_scale(trained, tiny_data_dir, ca
     config = _config(tiny_data_dir)
     ss_path = os.path.join(trained, "eval", f"step{TRAIN_STEPS}_ss_T2.json")
     if not os.path.exists(ss_path):
-        eval_runner.evaluate(config, workdir=trained)
+        runner.evaluate(config, workdir=trained)
     with open(ss_path) as f:
         ss = json.load(f)["results"][0]
     config.eval.update(num_iters_sweep="1,2", multi_scale=True, scales=(1.0,), flip=False)
-    report = eval_runner.evaluate(config, workdir=trained)
+    report = runner.evaluate(config, workdir=trained)
     assert [r["num_iters"] for r in report["results"]] == [1, 2]
     assert report["json"].endswith(f"step{TRAIN_STEPS}_ms_sweep.json")
     assert os.path.exists(report["json"])
@@ -251,7 +254,7 @@ def test_checkpoint_of_another_model_config_is_named(trained, tiny_data_dir):
     config.model.num_bases = 4
     mismatch = "model.num_bases: checkpoint 8, config 4"
     with pytest.raises(checkpointing.CheckpointMismatchError, match=mismatch):
-        restore.restore_for_eval(config, workdir=trained)
+        restore_for_eval(config, workdir=trained)
     # The command line, with --checkpoint naming the step directory: one clear line.
     step_dir = os.path.join(trained, "checkpoints", str(TRAIN_STEPS))
     result = _run("eval.py", "--config", "tests/tiny.py", "--checkpoint", step_dir,
@@ -263,35 +266,35 @@ def test_checkpoint_of_another_model_config_is_named(trained, tiny_data_dir):
 
 
 def test_missing_checkpoint_says_what_to_pass(tmp_path):
-    with pytest.raises(restore.CheckpointNotFoundError, match="train first"):
-        restore.locate_checkpoint(workdir=str(tmp_path))
-    with pytest.raises(restore.CheckpointNotFoundError, match="step directory"):
-        restore.locate_checkpoint(checkpoint=str(tmp_path))
+    with pytest.raises(CheckpointNotFoundError, match="train first"):
+        locate_checkpoint(workdir=str(tmp_path))
+    with pytest.raises(CheckpointNotFoundError, match="step directory"):
+        locate_checkpoint(checkpoint=str(tmp_path))
     step_dir = tmp_path / "checkpoints" / "30"
     step_dir.mkdir(parents=True)
     directory = str(tmp_path / "checkpoints")
-    assert restore.locate_checkpoint(checkpoint=f"{step_dir}/") == (directory, 30)
-    assert restore.locate_checkpoint(checkpoint=directory) == (directory, None)
-    assert restore.locate_checkpoint(workdir=str(tmp_path)) == (directory, None)
+    assert locate_checkpoint(checkpoint=f"{step_dir}/") == (directory, 30)
+    assert locate_checkpoint(checkpoint=directory) == (directory, None)
+    assert locate_checkpoint(workdir=str(tmp_path)) == (directory, None)
 
 
 def test_parse_sweep():
-    assert eval_runner.parse_sweep("1, 2,4,") == [1, 2, 4]
-    assert eval_runner.parse_sweep("") == []
+    assert runner.parse_sweep("1, 2,4,") == [1, 2, 4]
+    assert runner.parse_sweep("") == []
     with pytest.raises(ValueError, match="'0' is not a positive integer"):
-        eval_runner.parse_sweep("1,0")
+        runner.parse_sweep("1,0")
 
 
 def test_predict_cli_on_the_training_checkpoint(trained, tmp_path):
-    """`python -m hemnet_jax.predict` restores the checkpoint and writes palette masks (its
-    errors: tests/test_predict.py)."""
+    """`python -m hemnet_jax.evaluation.predict` restores the checkpoint and writes palette masks
+    (its errors: tests/test_predict.py)."""
     images = tmp_path / "images"
     images.mkdir()
     rgb = np.random.default_rng(0).integers(0, 256, (24, 37, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(images / "photo.png")
     out = tmp_path / "out"
-    result = _run("-m", "hemnet_jax.predict", "--config", "tests/tiny.py", "--workdir", trained,
-                  "--images", str(images), "--output", str(out))
+    result = _run("-m", "hemnet_jax.evaluation.predict", "--config", "tests/tiny.py",
+                  "--workdir", trained, "--images", str(images), "--output", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     mask = Image.open(out / "photo.png")
     assert mask.mode == "P" and mask.size == (37, 24)

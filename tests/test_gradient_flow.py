@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hemnet_jax import checkpointing, hem, losses, optim
+from hemnet_jax import hem
 from hemnet_jax.data import datasets
 from hemnet_jax.models import create_model
 from hemnet_jax.studies import gradient_flow as gf
-from hemnet_jax.train_state import TrainState
+from hemnet_jax.training import checkpointing, losses, optim
+from hemnet_jax.training.state import TrainState
 from tests.tiny import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hemnet_jax import HEMUnit, hem
-from hemnet_jax.hem_unit import init_bases
+from hemnet_jax.models.hem_unit import init_bases
 
 B, H, W, C, K = 8, 5, 4, 16, 6
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hemnet_jax import config as cfg
-from hemnet_jax import losses, metrics, optim
+from hemnet_jax.evaluation import metrics
+from hemnet_jax.training import losses, optim
 
 
 def _train_config(**kw):

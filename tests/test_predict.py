@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hemnet_jax import predict, visualize
 from hemnet_jax.data import palette
+from hemnet_jax.evaluation import predict, visualize
 from hemnet_jax.models import create_model
 from tests.tiny import tiny_config
 

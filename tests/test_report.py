@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hemnet_jax import report
 from hemnet_jax.config import model_config
+from hemnet_jax.models import report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_report_of_a_tiny_model(tiny_config):
 
 def test_command_line(tmp_path):
     cmd = [
-        sys.executable, "-m", "hemnet_jax.report", "--config", "configs/voc.py",
+        sys.executable, "-m", "hemnet_jax.models.report", "--config", "configs/voc.py",
         "--config.model.backbone=resnet_tiny", "--config.model.base_width=8",
         "--config.model.head_channels=256", "--image_size=33",
     ]

@@ -17,11 +17,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hemnet_jax import parallel, trainer
-from hemnet_jax.checkpointing import Checkpointer
+from hemnet_jax import trainer
 from hemnet_jax.cli import load_config_file
 from hemnet_jax.data import pipeline
 from hemnet_jax.models import create_model
+from hemnet_jax.training import sharding
+from hemnet_jax.training.checkpointing import Checkpointer
+from hemnet_jax.training.state import abstract_state, init_state, optimizer_for
+from hemnet_jax.training.train_step import make_train_step
 from tests.tiny import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,13 +201,13 @@ def test_two_processes_agree_with_one(tiny_data_dir, tmp_path):
     # The single-process reference: the two processes' shards, concatenated per step.
     config = _config(tiny_data_dir, num_steps=2)
     config.model.dropout = 0.0
-    mesh = parallel.create_mesh(jax.devices()[:4])
+    mesh = sharding.create_mesh(jax.devices()[:4])
     model = create_model(config.model, num_classes=6)
-    tx, schedule = trainer.optimizer_for(config, model)
-    state = trainer.init_state(config, model, tx, mesh)
+    tx, schedule = optimizer_for(config, model)
+    state = init_state(config, model, tx, mesh)
     initial = jax.device_get(state)
-    step = trainer.make_train_step(model, tx, schedule, config, mesh)
-    key = jax.device_put(jax.random.PRNGKey(config.seed + 1), parallel.replicated(mesh))
+    step = make_train_step(model, tx, schedule, config, mesh)
+    key = jax.device_put(jax.random.PRNGKey(config.seed + 1), sharding.replicated(mesh))
     streams = [
         pipeline.make_train_dataset(
             name=config.data.name,
@@ -225,11 +228,11 @@ def test_two_processes_agree_with_one(tiny_data_dir, tmp_path):
     for t in (1, 2):
         parts = [next(s) for s in streams]
         batch = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}
-        state, metrics = step(state, parallel.global_batch(batch, mesh), key)
+        state, metrics = step(state, sharding.global_batch(batch, mesh), key)
         assert logged[t] == pytest.approx(float(metrics["loss"]), rel=1e-5), t
 
     restored, _ = Checkpointer(f"{workdir}/checkpoints", read_only=True).restore(
-        trainer.abstract_state(model, tx, mesh), config
+        abstract_state(model, tx, mesh), config
     )
     assert int(restored.step) == 2
     # What training changed must agree. Measured: 2.4e-3 (params), 6e-6 (statistics), 5e-7
@@ -258,8 +261,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data_dir, tmp_pa
     assert ckpt.latest_step() == 2
     assert sorted(os.listdir(f"{tmp_path}/checkpoints")) == ["2"]  # nothing written after it
     model = create_model(config.model, num_classes=6)
-    mesh = parallel.create_mesh(jax.devices()[:1])
-    tx, _ = trainer.optimizer_for(config, model)
-    restored, _ = ckpt.restore(trainer.abstract_state(model, tx, mesh), config)
+    mesh = sharding.create_mesh(jax.devices()[:1])
+    tx, _ = optimizer_for(config, model)
+    restored, _ = ckpt.restore(abstract_state(model, tx, mesh), config)
     assert int(restored.step) == 2
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored.params))

@@ -4,8 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from hemnet_jax import parallel, trainer
 from hemnet_jax.models import create_model
+from hemnet_jax.training import sharding
+from hemnet_jax.training.state import init_state, optimizer_for
+from hemnet_jax.training.train_step import make_train_step
 from tests.tiny import tiny_config
 
 
@@ -29,16 +31,16 @@ def setup():
 
 def _stepper(config, model, devices):
     """(initial state, step(state, numpy batch) -> (state, metrics)) on a mesh of `devices`."""
-    mesh = parallel.create_mesh(devices)
-    tx, schedule = trainer.optimizer_for(config, model)
-    state = trainer.init_state(config, model, tx, mesh)
-    train_step = trainer.make_train_step(model, tx, schedule, config, mesh)
-    key = jax.device_put(jax.random.PRNGKey(1), parallel.replicated(mesh))
+    mesh = sharding.create_mesh(devices)
+    tx, schedule = optimizer_for(config, model)
+    state = init_state(config, model, tx, mesh)
+    train_step = make_train_step(model, tx, schedule, config, mesh)
+    key = jax.device_put(jax.random.PRNGKey(1), sharding.replicated(mesh))
     shardings = jax.tree.map(lambda a: a.sharding, state)
 
     def step(host_state, batch):
         state = jax.device_put(host_state, shardings)
-        new_state, metrics = train_step(state, parallel.global_batch(batch, mesh), key)
+        new_state, metrics = train_step(state, sharding.global_batch(batch, mesh), key)
         return jax.device_get(new_state), jax.device_get(metrics)
 
     return jax.device_get(state), step
@@ -114,9 +116,9 @@ def test_dropout_mask_does_not_depend_on_the_mesh(setup):
                                  mutable=["batch_stats", "bases"])
             return out["logits"]
 
-        mesh = parallel.create_mesh(jax.devices())
-        sharded = parallel.global_batch({"image": images}, mesh)["image"]
+        mesh = sharding.create_mesh(jax.devices())
+        sharded = sharding.global_batch({"image": images}, mesh)["image"]
         outputs[rate] = jax.jit(forward)(variables, images)
-        eight = jax.jit(forward)(jax.device_put(variables, parallel.replicated(mesh)), sharded)
+        eight = jax.jit(forward)(jax.device_put(variables, sharding.replicated(mesh)), sharded)
         np.testing.assert_allclose(eight, outputs[rate], rtol=1e-4, atol=1e-4)
     assert np.abs(outputs[0.5] - outputs[0.0]).max() > 1e-2  # the mask did drop channels

@@ -11,9 +11,8 @@ import safetensors.numpy
 import torch
 import torch.nn.functional as F
 
-from hemnet_jax import weights
 from hemnet_jax.config import model_config
-from hemnet_jax.models import create_model
+from hemnet_jax.models import create_model, weights
 from hemnet_jax.models.resnet import STAGE_SIZES, ResNet
 
 STAGES = STAGE_SIZES["resnet_tiny"]

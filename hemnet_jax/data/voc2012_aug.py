@@ -8,7 +8,7 @@ VOC label (a palette PNG, read as palette indices); the others take SBD's (`GTcl
 in cls/<id>.mat), the usual practice. Images come from the same dataset as their label.
 
 Build: `tfds build hemnet_jax/data/voc2012_aug.py --manual_dir DIR [--data_dir D]`, or in
-Python `hemnet_jax.data.prepare_dataset("voc2012_aug", data_dir=D, manual_dir=DIR)`.
+Python `hemnet_jax.data.prepare.prepare_dataset("voc2012_aug", data_dir=D, manual_dir=DIR)`.
 """
 
 from pathlib import Path

@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from hemnet_jax.hem_unit import HEMUnit
+from hemnet_jax.models.hem_unit import HEMUnit
 from hemnet_jax.models.hemnet import HEMNet
 from hemnet_jax.models.resnet import ResNet, stage_sizes
 
-__all__ = ["HEMNet", "ResNet", "create_backbone", "create_model"]
+__all__ = ["HEMNet", "HEMUnit", "ResNet", "create_backbone", "create_model"]
 
 
 def create_backbone(

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hemnet_jax.hem_unit import HEMUnit
+from hemnet_jax.models.hem_unit import HEMUnit
 from hemnet_jax.models.layers import ConvBNReLU, torch_default_bias_init, torch_default_kernel_init
 from hemnet_jax.models.resize import resize_bilinear_align_corners
 from hemnet_jax.models.resnet import ResNet

@@ -18,12 +18,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Shared with the HEM unit: Normal(0, sqrt(2 / (k * k * out_channels))) and the 1x1 conv as a
-# matmul.
-from hemnet_jax.hem_unit import Conv1x1 as Conv1x1
-from hemnet_jax.hem_unit import conv_init as conv_init
-
 Initializer = Any
+
+# Backbone and HEM-unit convs: Normal(0, sqrt(2 / (k * k * out_channels))), EMANet's init.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
 
 # PyTorch's Conv2d default, kaiming_uniform(a=sqrt(5)): U(-b, b), b = sqrt(3 * (1/3) / fan_in).
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -74,3 +73,36 @@ class ConvBNReLU(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.axis_name, name="bn",
         )(x)
         return nn.relu(x)
+
+
+class Conv1x1(nn.Module):
+    """A 1x1 convolution computed as a matmul over channels: nn.Conv's parameters (kernel
+    [1, 1, Cin, Cout], optional bias), names, initialisation and dtype promotion, same values.
+    [..., H, W, Cin] -> [..., ceil(H / strides), ceil(W / strides), features], as nn.Conv with
+    "VALID" padding.
+
+    Used for the HEM unit's convs and the ResNet bottlenecks' 1x1 convs. XLA's CPU backend runs
+    the backward pass of a 1x1 `conv_general_dilated` about 2x slower than the same contraction
+    as a dot (benchmarks/README.md); GPU and TPU lower both to the same matrix units."""
+
+    features: int
+    use_bias: bool = True
+    strides: int = 1  # subsampling, as nn.Conv's strides with "VALID" padding for a 1x1 kernel
+    kernel_init: Any = conv_init
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+            if self.use_bias else None
+        )
+        if self.strides > 1:
+            x = x[..., :: self.strides, :: self.strides, :]
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.einsum("...c,cd->...d", x, kernel[0, 0])
+        return y if bias is None else y + bias

@@ -10,7 +10,7 @@
   exactly what they computed in PyTorch (odd and even input sizes).
 
 Flax module names mirror torchvision's (`layer3_4/conv2` is `layer3.4.conv2`); the stem's names
-and the conversion rules live in `hemnet_jax.weights`.
+and the conversion rules live in `hemnet_jax.models.weights`.
 """
 
 from __future__ import annotations

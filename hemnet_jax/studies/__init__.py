@@ -1,7 +1,7 @@
-"""Studies of trained or initialised models (each module is also a `python -m` program).
+"""Studies of trained or initialised models.
 
-`gradient_flow`: per-HEM-layer gradient magnitudes and the ELBO per iteration (Fig. 3).
-
-Importing a study module pulls in neither TensorFlow nor matplotlib: the programs load them
-when they read data or draw.
+`layer_gradients`: per-HEM-layer gradient magnitudes and the ELBO per iteration (Fig. 3), as
+  functions of arrays or of the full network (also the training loop's `grad_flow` probe).
+`gradient_flow`: the Fig. 3 program (`python -m hemnet_jax.studies.gradient_flow`).
+`figures`: their plots (matplotlib is imported only when a figure is drawn).
 """

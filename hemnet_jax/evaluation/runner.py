@@ -1,6 +1,6 @@
 """What eval.py runs: restore once, evaluate at one T_eval or a sweep of them, report.
 
-Metrics come from `trainer.validate` (the code training's periodic validation uses) with the
+Metrics come from `validation.validate` (the code training's periodic validation uses) with the
 predictor `config.eval` asks for (single scale, or multi-scale + flip). Process 0 prints the
 results and writes them as JSON to `<run_dir>/eval/step<N>_<mode>_T<T>.json`, or
 `..._sweep.json` for a sweep; every process holds the same totals.
@@ -19,7 +19,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from hemnet_jax import evaluation, metrics, parallel, restore, trainer
+from hemnet_jax.evaluation import metrics, predictors, validation
+from hemnet_jax.training import sharding, state
+from hemnet_jax.training.input_pipeline import prepare_data
 
 
 def parse_sweep(spec: str) -> list[int]:
@@ -42,7 +44,7 @@ def evaluate(
     """Evaluates a checkpoint as `config.eval` says; prints, writes JSON and returns the report.
 
     Args:
-      workdir, checkpoint: which checkpoint (see `restore.locate_checkpoint`).
+      workdir, checkpoint: which checkpoint (see `state.locate_checkpoint`).
       output_dir: where `eval/` goes (default: `workdir`, else the checkpoint's run directory).
     Returns:
       The JSON report: {"checkpoint", "step", "dataset", "split", "mode", "scales", "flip",
@@ -50,14 +52,14 @@ def evaluate(
       "pixel_accuracy", "per_class_iou": {class: IoU or None}, "num_pixels", "confusion"}],
       "json": the file written}.
     """
-    mesh = parallel.create_mesh() if mesh is None else mesh
+    mesh = sharding.create_mesh() if mesh is None else mesh
     sweep = parse_sweep(config.eval.num_iters_sweep)
-    trainer.prepare_data(config)
-    restored = restore.restore_for_eval(config, workdir=workdir, checkpoint=checkpoint, mesh=mesh)
+    prepare_data(config)
+    restored = state.restore_for_eval(config, workdir=workdir, checkpoint=checkpoint, mesh=mesh)
     info, model = restored.info, restored.model
     t_train = config.model.num_iters
     iters = sweep or [config.eval.num_iters or t_train]
-    mode = evaluation.mode_name(config.eval)
+    mode = predictors.mode_name(config.eval)
     title = (
         f"{info.name} {config.data.eval_split or info.eval_split}, checkpoint {restored.path} "
         f"(step {restored.step}), {_describe_mode(config.eval)}"
@@ -66,9 +68,9 @@ def evaluate(
 
     results = []
     for t in iters:
-        predictor = evaluation.make_predictor(model, config.eval, num_iters=t)
-        result = trainer.validate(config, model, restored.variables, mesh, info.num_classes,
-                                  predictor=predictor)
+        predictor = predictors.make_predictor(model, config.eval, num_iters=t)
+        result = validation.validate(config, model, restored.variables, mesh, info.num_classes,
+                                     predictor=predictor)
         results.append(_result_json(t, result, info.class_names))
         logging.info("T_eval=%d: mIoU %.2f%%, pixel accuracy %.2f%%.", t,
                      100 * result["miou"], 100 * result["pixel_accuracy"])

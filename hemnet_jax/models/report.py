@@ -1,6 +1,6 @@
 """Parameters, FLOPs and peak memory of the model, next to the HEMNet paper's Table 3.
 
-  python -m hemnet_jax.report --config configs/voc.py [--config.model.head_channels=256]
+  python -m hemnet_jax.models.report --config configs/voc.py [--config.model.head_channels=256]
 
 Everything is computed from abstract shapes (`jax.ShapeDtypeStruct`): the forward is lowered and
 compiled for the local backend (CPU here) without allocating parameters or images. FLOPs come
@@ -23,8 +23,8 @@ import ml_collections
 from absl import flags
 
 from hemnet_jax import cli
-from hemnet_jax.hem_unit import Conv1x1
 from hemnet_jax.models import create_model
+from hemnet_jax.models.layers import Conv1x1
 
 # HEMNet (AAAI 2021) Table 3: ResNet-101, OS 8, 513x513. Head = over the backbone.
 PAPER_BACKBONE_FLOPS = 370e9

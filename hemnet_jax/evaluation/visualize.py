@@ -1,7 +1,8 @@
 """The paper's Fig. 4: what the bases attend to, iteration by iteration, for one image.
 
-    python -m hemnet_jax.visualize --config configs/voc.py --workdir DIR --image IMG.jpg \
-        --output fig4.png [--label LABEL.png] [--bases 3,17,40] [--channels 5,100,311]
+    python -m hemnet_jax.evaluation.visualize --config configs/voc.py --workdir DIR \
+        --image IMG.jpg --output fig4.png [--label LABEL.png] [--bases 3,17,40] \
+        [--channels 5,100,311]
 
 Writes one PNG grid. Top row: the image, the prediction (VOC colours), the label if given, and
 the chosen channels of X (the HEM unit's input features, after its 1x1 conv). One row per
@@ -24,9 +25,13 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from PIL import Image
 
-from hemnet_jax import hem
+from hemnet_jax import cli, hem
 from hemnet_jax.data import palette
+from hemnet_jax.evaluation.predict import ImageReadError, normalize, read_image
+from hemnet_jax.training import checkpointing, sharding, state
 
 NUM_SHOWN = 3  # rows of the grid when --bases / --channels are not given
 
@@ -45,8 +50,6 @@ def hem_pictures(model, variables: dict, rgb: np.ndarray, *,
       {"prediction": int [H, W], "gamma": [T, h, w, K] (after each iteration),
        "x": [h, w, C] (the unit's input X), "x_tilde": [T, h, w, C] (gamma^(t) mu^(t))}.
     """
-    from hemnet_jax.predict import normalize
-
     def run(v: dict, image: jax.Array) -> dict[str, jax.Array]:
         outputs, state = model.apply(
             v, image, train=False, num_iters=num_iters, mutable=["intermediates"],
@@ -148,10 +151,6 @@ def read_label(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
     Raises:
       ImageReadError: unreadable, or not a [H, W] index image of `size`.
     """
-    from PIL import Image
-
-    from hemnet_jax.predict import ImageReadError
-
     try:
         with Image.open(path) as image:
             label = np.asarray(image)
@@ -171,10 +170,6 @@ def _check_indices(what: str, indices: Sequence[int], size: int) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-
-    from hemnet_jax import cli
-
     cli.define_config_flag("A configs/*.py file (with :variant): the config it was trained with.")
     cli.define_checkpoint_flags()
     flags.DEFINE_string("image", None, "The image to show.")
@@ -187,11 +182,6 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
-
-    from hemnet_jax import checkpointing, cli, parallel, restore
-    from hemnet_jax.predict import ImageReadError, read_image
-
     cli.no_extra_arguments(argv)
     cli.require_checkpoint_source()
     FLAGS = flags.FLAGS
@@ -203,9 +193,9 @@ def main(argv: list[str]) -> None:
     try:
         rgb = read_image(FLAGS.image)
         label = read_label(FLAGS.label, rgb.shape[:2]) if FLAGS.label else None
-        restored = restore.restore_for_eval(
+        restored = state.restore_for_eval(
             FLAGS.config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-            mesh=parallel.create_mesh(jax.local_devices()[:1]),
+            mesh=sharding.create_mesh(jax.local_devices()[:1]),
         )
         pictures = hem_pictures(restored.model, restored.variables, rgb,
                                 num_iters=FLAGS.config.eval.num_iters)
@@ -222,6 +212,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from hemnet_jax import cli
-
     cli.run(main, _define_flags)

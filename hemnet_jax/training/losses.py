@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-IGNORE_LABEL = 255
+from hemnet_jax.data.classes import IGNORE_LABEL
 
 
 def cross_entropy(

@@ -33,7 +33,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from hemnet_jax import metrics, parallel
+from hemnet_jax.evaluation import metrics
+from hemnet_jax.training import sharding
 
 Batch = Mapping[str, jax.Array]  # "image" [B, PH, PW, 3]; "height", "width" [B] int
 Predictor = Callable[[dict, Batch], jax.Array]  # (variables, batch) -> probabilities [B,PH,PW,K]
@@ -175,7 +176,7 @@ def make_eval_step(predict: Predictor, num_classes: int, mesh: Mesh) -> Callable
         predictions = jnp.argmax(predict(variables, batch), axis=-1)
         return metrics.confusion_matrix(batch["label"], predictions, num_classes)
 
-    return jax.jit(step, out_shardings=parallel.replicated(mesh))
+    return jax.jit(step, out_shardings=sharding.replicated(mesh))
 
 
 def accumulate_confusion(
@@ -190,7 +191,7 @@ def accumulate_confusion(
     total = np.zeros((num_classes, num_classes), np.int64)
     pending = None
     for local in batches:
-        current = eval_step(variables, parallel.global_batch(local, mesh))
+        current = eval_step(variables, sharding.global_batch(local, mesh))
         if pending is not None:
             total += np.asarray(pending)
         pending = current

@@ -1,6 +1,6 @@
 """Segment a folder of images: colour-coded masks (VOC palette) and overlay pictures.
 
-    python -m hemnet_jax.predict --config configs/voc.py --workdir DIR \
+    python -m hemnet_jax.evaluation.predict --config configs/voc.py --workdir DIR \
         --images PHOTOS --output OUT [--config.eval.multi_scale=True]
 
 For each image `PHOTOS/NAME.EXT` (jpg, png, bmp, gif, tif, webp; not recursive) it writes
@@ -23,10 +23,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from PIL import Image, UnidentifiedImageError
 
-from hemnet_jax import evaluation
-from hemnet_jax.data import palette
+from hemnet_jax import cli
+from hemnet_jax.data import augment, palette
+from hemnet_jax.evaluation import predictors
+from hemnet_jax.training import checkpointing, sharding, state
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OVERLAY_ALPHA = 0.5  # weight of the class colours in the overlay
@@ -79,8 +82,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 def normalize(rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB [H, W, 3] -> float32, normalised exactly as the input pipeline does."""
-    from hemnet_jax.data import augment  # TensorFlow, only where images are read
-
     return augment.normalize(rgb).numpy()
 
 
@@ -99,7 +100,7 @@ def make_segmenter(
     model, variables: dict, config: ml_collections.ConfigDict
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A function uint8 RGB [H, W, 3] -> class indices uint8 [H, W], on one device."""
-    predictor = evaluation.make_predictor(model, config.eval, num_iters=config.eval.num_iters)
+    predictor = predictors.make_predictor(model, config.eval, num_iters=config.eval.num_iters)
     classify = jax.jit(lambda v, batch: jnp.argmax(predictor(v, batch), axis=-1))
 
     def segment(rgb: np.ndarray) -> np.ndarray:
@@ -147,10 +148,6 @@ def predict_folder(
 
 
 def _define_flags() -> None:
-    from absl import flags
-
-    from hemnet_jax import cli
-
     cli.define_config_flag("A configs/*.py file (with :variant): the config it was trained with.")
     cli.define_checkpoint_flags()
     flags.DEFINE_string("images", None, "Folder of images to segment.")
@@ -159,19 +156,15 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
-    from hemnet_jax import checkpointing, cli, parallel, restore
-
     cli.no_extra_arguments(argv)
     cli.require_checkpoint_source()
     FLAGS = flags.FLAGS
     cli.quiet_library_logs()
     try:
         list_images(FLAGS.images)  # fail on a bad folder before restoring
-        restored = restore.restore_for_eval(
+        restored = state.restore_for_eval(
             FLAGS.config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-            mesh=parallel.create_mesh(jax.local_devices()[:1]),
+            mesh=sharding.create_mesh(jax.local_devices()[:1]),
         )
         segment = make_segmenter(restored.model, restored.variables, FLAGS.config)
         written = predict_folder(segment, FLAGS.images, FLAGS.output)
@@ -184,6 +177,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from hemnet_jax import cli
-
     cli.run(main, _define_flags)

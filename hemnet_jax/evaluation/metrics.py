@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hemnet_jax.losses import IGNORE_LABEL
+from hemnet_jax.data.classes import IGNORE_LABEL
 
 
 def confusion_matrix(

@@ -8,8 +8,8 @@ Two layouts, chosen by `stem` (config.model.stem):
 Blocks are layerS.B.{conv1,bn1,conv2,bn2,conv3,bn3,downsample.0,downsample.1} in both.
 
 Files: .safetensors through `safetensors.numpy` (no torch), anything else through `torch.load`
-(imported only then). `python -m hemnet_jax.weights in.pth out.safetensors` converts once on a
-machine with torch. The classifier (fc.*) and num_batches_tracked are ignored; every other
+(imported only then). `python -m hemnet_jax.models.weights in.pth out.safetensors` converts once
+on a machine with torch. The classifier (fc.*) and num_batches_tracked are ignored; every other
 missing key, unexpected key or shape mismatch is reported in one error.
 """
 
@@ -163,7 +163,7 @@ def read_state_dict(path: str) -> StateDict:
     except ImportError as e:
         raise ImportError(
             f"Reading {path} needs PyTorch (pip install torch, the CPU build is enough), or "
-            "convert it once elsewhere: python -m hemnet_jax.weights IN.pth OUT.safetensors"
+            "convert it once elsewhere: python -m hemnet_jax.models.weights IN.pth OUT.safetensors"
         ) from e
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):
@@ -191,9 +191,11 @@ def load_pretrained(variables: Mapping[str, Any], path: str, *, stem: Stem) -> d
 
 
 def main(argv: list[str]) -> None:
-    """python -m hemnet_jax.weights IN.pth OUT.safetensors: a torch checkpoint -> safetensors."""
+    """`python -m hemnet_jax.models.weights IN.pth OUT.safetensors`: torch -> safetensors."""
     if len(argv) != 3:
-        raise SystemExit(f"usage: python -m hemnet_jax.weights IN.pth OUT.safetensors\n{__doc__}")
+        raise SystemExit(
+            f"usage: python -m hemnet_jax.models.weights IN.pth OUT.safetensors\n{__doc__}"
+        )
     from safetensors.numpy import save_file
 
     state_dict = {k: np.ascontiguousarray(v) for k, v in read_state_dict(argv[1]).items()}

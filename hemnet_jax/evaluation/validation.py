@@ -1,0 +1,67 @@
+"""mIoU of a model's variables over the evaluation split: the code both training's periodic
+validation and eval.py run."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+from jax.sharding import Mesh
+
+from hemnet_jax.data import datasets, pipeline
+from hemnet_jax.evaluation import metrics, predictors
+from hemnet_jax.training import sharding
+from hemnet_jax.training.input_pipeline import data_dirs
+
+
+def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Iterator, int]:
+    """This process's share of the evaluation split (whole, padded images) and the batch count."""
+    info = datasets.get_dataset_info(config.data.name)
+    ds, num_batches = pipeline.make_eval_dataset(
+        name=info.name,
+        split=config.data.eval_split or info.eval_split,
+        per_process_batch_size=sharding.per_process_batch_size(config.eval.batch_size, mesh),
+        pad_size=config.data.eval_pad_size,
+        **data_dirs(config),
+    )
+    if config.eval.max_batches:
+        ds, num_batches = (
+            ds.take(config.eval.max_batches),
+            min(num_batches, config.eval.max_batches),
+        )
+    return ds.as_numpy_iterator(), num_batches
+
+
+@functools.lru_cache(maxsize=8)
+def _single_scale_eval_step(model, num_iters: int | None, num_classes: int, mesh: Mesh):
+    """One compiled evaluation step per (model, T_eval, mesh), reused by periodic validation."""
+    predictor = predictors.single_scale_predictor(model, num_iters=num_iters)
+    return predictors.make_eval_step(predictor, num_classes, mesh)
+
+
+def validate(
+    config: ml_collections.ConfigDict,
+    model,
+    variables,
+    mesh: Mesh,
+    num_classes: int,
+    *,
+    num_iters: int | None = None,
+    predictor: predictors.Predictor | None = None,
+) -> dict[str, Any]:
+    """mIoU, pixel accuracy and per-class IoU of `variables` on the evaluation split.
+
+    predictor: default single scale at `num_iters` (T_eval; None: the model's T).
+    Returns `metrics.segmentation_metrics` of the summed confusion, plus "confusion" [K, K].
+    """
+    if predictor is None:
+        step = _single_scale_eval_step(model, num_iters, num_classes, mesh)
+    else:
+        step = predictors.make_eval_step(predictor, num_classes, mesh)
+    batches, _ = eval_batches(config, mesh)
+    confusion = predictors.accumulate_confusion(step, variables, batches, mesh, num_classes)
+    result = metrics.segmentation_metrics(confusion)
+    result["confusion"] = confusion
+    return result

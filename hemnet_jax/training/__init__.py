@@ -1,0 +1,5 @@
+"""Training components: the state (creation, abstract shapes, restore), the optimiser, losses,
+checkpoints, sharding, the jitted step, the input pipeline and preemption.
+
+The loop that drives them is `hemnet_jax.trainer`, which only `train.py` imports.
+"""
