@@ -155,9 +155,7 @@ def test_cli_mismatch_is_one_fatal_line(tmp_path):
     fatal = [line for line in lines if line.startswith("FATAL:")]
     assert len(fatal) == 1 and "Traceback" not in done.stderr
     assert "fc2.weight: file (7, 16, 1, 1), model (6, 16, 1, 1)" in fatal[0]
-    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
-        tmp_path / "run" / "checkpoints"
-    )
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 @pytest.mark.parametrize(("backbone", "output_stride"), [("resnet50", 16), ("resnet101", 8)])

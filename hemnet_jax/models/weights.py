@@ -11,6 +11,10 @@ Files: .safetensors through `safetensors.numpy` (no torch), anything else throug
 (imported only then). `python -m hemnet_jax.models.weights in.pth out.safetensors` converts once
 on a machine with torch. The classifier (fc.*) and num_batches_tracked are ignored; every other
 missing key, unexpected key or shape mismatch is reported in one error.
+
+A whole network trained by the official EMANet code is another layout (`models.official`);
+`python -m hemnet_jax.models.weights import-emanet FILE --config ... --workdir DIR` turns one into
+a training checkpoint (`hemnet_jax.training.import_official`, docs/weights.md).
 """
 
 from __future__ import annotations

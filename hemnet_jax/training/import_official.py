@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from etils import epath
 from jax.sharding import Mesh
 
 from hemnet_jax import cli
@@ -61,38 +62,40 @@ def import_official(
             "--config.model.aux_head=False."
         )
     directory = os.path.join(checkpointing.resolve_path(workdir), "checkpoints")
+    root = epath.Path(directory)
+    if root.is_dir() and any(p.name.isdigit() for p in root.iterdir()):
+        raise FileExistsError(
+            f"{directory} holds checkpoints already: import into a new --workdir."
+        )
+    state_dict, file_step = weights.read_checkpoint(path)
+    step = (file_step or 0) if step is None else step
+    mesh = sharding.create_mesh() if mesh is None else mesh
+    model = create_model(config.model, datasets.get_dataset_info(config.data.name).num_classes)
+    tx, _ = optimizer_for(config, model)
+    abstract = abstract_state(model, tx, mesh, config.train.state_sharding)
+    variables = official.convert(
+        state_dict, abstract.variables, stem=config.model.stem, source=path
+    )
+    state = TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params=variables["params"],
+        opt_state=tx.init(variables["params"]),
+        batch_stats=variables["batch_stats"],
+        bases=variables["bases"],
+    )
+    state = jax.device_put(state, jax.tree.map(lambda a: a.sharding, abstract))
+
+    # Nothing is written before here: a file that does not fit leaves no trace.
+    where = os.path.join(directory, str(step))
     ckpt = checkpointing.Checkpointer(directory, asynchronous=False)
     try:
-        if (latest := ckpt.latest_step()) is not None:
-            raise FileExistsError(
-                f"{directory} holds checkpoints already (latest step {latest}): import into a "
-                "new --workdir."
-            )
-        state_dict, file_step = weights.read_checkpoint(path)
-        step = (file_step or 0) if step is None else step
-        mesh = sharding.create_mesh() if mesh is None else mesh
-        model = create_model(config.model, datasets.get_dataset_info(config.data.name).num_classes)
-        tx, _ = optimizer_for(config, model)
-        abstract = abstract_state(model, tx, mesh, config.train.state_sharding)
-        variables = official.convert(
-            state_dict, abstract.variables, stem=config.model.stem, source=path
-        )
-        state = TrainState(
-            step=jnp.asarray(step, jnp.int32),
-            params=variables["params"],
-            opt_state=tx.init(variables["params"]),
-            batch_stats=variables["batch_stats"],
-            bases=variables["bases"],
-        )
-        state = jax.device_put(state, jax.tree.map(lambda a: a.sharding, abstract))
         ckpt.save(step, state, checkpointing.run_metadata(config), force=True)
         ckpt.wait()
-        where = os.path.join(directory, str(step))
         restored, _ = ckpt.restore(abstract, config, step)
-        if not all(jax.tree.leaves(jax.tree.map(_same, state, restored))):
-            raise OSError(f"The checkpoint {where} does not read back what was written.")
     finally:
         ckpt.close()
+    if not all(jax.tree.leaves(jax.tree.map(_same, state, restored))):
+        raise OSError(f"The checkpoint {where} does not read back what was written.")
     return where
 
 
