@@ -22,6 +22,7 @@ from hemnet_jax.models.resnet import STAGE_SIZES
 from hemnet_jax.models.weights import (
     LEAF_NAMES,
     CheckpointMismatchError,
+    Match,
     Stem,
     ignored,
     match_variables,
@@ -100,25 +101,29 @@ def convert(
       MismatchError: one line naming every missing key, unexpected key and shape
         mismatch, and the model keys whose values the file implies when they differ.
     """
-    match = match_variables(
-        state_dict, target, COLLECTIONS, lambda c, p: key_of(c, p, stem)
-    )
+    match = match_variables(state_dict, target, COLLECTIONS, lambda c, p: key_of(c, p, stem))
     if match.problems:
-        file_shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items() if not ignored(k)}
-        model_shapes = shapes_of(target, stem)
-        raise MismatchError(
-            f"{source} does not fit the configured model: "
-            + "; ".join(
-                text for text in (
-                    _named("the file lacks", match.missing, model_shapes),
-                    _named("the model has no", match.unexpected, file_shapes),
-                    "shapes differ: " + ", ".join(match.mismatched) if match.mismatched else "",
-                ) if text
-            )
-            + "."
-            + _architecture_hint(file_shapes, model_shapes)
-        )
+        raise MismatchError(_mismatch_message(source, match, state_dict, shapes_of(target, stem)))
     return match.converted
+
+
+def _mismatch_message(
+    source: str, match: Match, state_dict: Mapping[str, np.ndarray],
+    model_shapes: Mapping[str, tuple[int, ...]],
+) -> str:
+    """One line: what the file lacks, what the model lacks, the shapes that differ, and the
+    config values the file implies where they differ from the model's."""
+    file_shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items() if not ignored(k)}
+    problems = [
+        _named("the file lacks", match.missing, model_shapes),
+        _named("the model has no", match.unexpected, file_shapes),
+        "shapes differ: " + ", ".join(match.mismatched) if match.mismatched else "",
+    ]
+    return (
+        f"{source} does not fit the configured model: "
+        + "; ".join(p for p in problems if p) + "."
+        + _architecture_hint(file_shapes, model_shapes)
+    )
 
 
 def describe(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
