@@ -226,10 +226,9 @@ def read_checkpoint(path: str) -> tuple[StateDict, int | None]:
     step = None
     for wrapper in ("net", "state_dict", "model"):
         if isinstance(checkpoint.get(wrapper), Mapping):
-            recorded = checkpoint.get("step")
-            step = recorded if type(recorded) is int else None
+            if step is None and type(checkpoint.get("step")) is int:
+                step = checkpoint["step"]
             checkpoint = checkpoint[wrapper]
-            break
     state_dict = {
         k.removeprefix("module."): v.detach().float().numpy()
         for k, v in checkpoint.items()
