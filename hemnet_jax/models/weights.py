@@ -11,12 +11,19 @@ Files: .safetensors through `safetensors.numpy` (no torch), anything else throug
 (imported only then). `python -m hemnet_jax.models.weights in.pth out.safetensors` converts once
 on a machine with torch. The classifier (fc.*) and num_batches_tracked are ignored; every other
 missing key, unexpected key or shape mismatch is reported in one error.
+
+A whole network trained by the official EMANet code is another layout (`models.official`);
+`python -m hemnet_jax.models.weights import-emanet FILE --config ... --workdir DIR` turns one into
+a training checkpoint (`hemnet_jax.training.import_official`, docs/weights.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import pickle
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -44,6 +51,7 @@ LEAF_NAMES = {
     ("batch_stats", "var"): "running_var",
 }
 COLLECTIONS = ("params", "batch_stats")
+IMPORT_USAGE = "import-emanet FILE.pth --config configs/voc.py:emanet --workdir DIR [--step N]"
 
 
 class CheckpointMismatchError(ValueError):
@@ -64,16 +72,20 @@ def torch_key(collection: str, path: tuple[str, ...], stem: Stem) -> str:
     return ".".join(prefix + [LEAF_NAMES[collection, leaf]])
 
 
-def _to_flax(value: np.ndarray) -> np.ndarray:
-    """Conv weights OIHW -> HWIO; vectors unchanged."""
+def _to_flax(value: np.ndarray, collection: str) -> np.ndarray:
+    """Conv weights OIHW -> HWIO; bases [1, C, K] -> [K, C]; vectors unchanged."""
+    if collection == "bases":
+        return value[0].T if value.ndim == 3 and value.shape[0] == 1 else value
     return np.transpose(value, (2, 3, 1, 0)) if value.ndim == 4 else value
 
 
-def _to_torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+def to_torch_shape(shape: tuple[int, ...], collection: str) -> tuple[int, ...]:
+    if collection == "bases":
+        return (1, shape[1], shape[0])
     return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape)
 
 
-def _ignored(key: str) -> bool:
+def ignored(key: str) -> bool:
     return key.startswith("fc.") or key.endswith("num_batches_tracked")
 
 
@@ -99,29 +111,60 @@ def convert_resnet(
     """
     if stem not in STEM_NAMES:
         raise ValueError(f"Unknown stem {stem!r}: expected one of {sorted(STEM_NAMES)}.")
-    converted: dict[str, dict[tuple[str, ...], jnp.ndarray]] = {c: {} for c in COLLECTIONS}
+    match = match_variables(state_dict, target, COLLECTIONS, lambda c, p: torch_key(c, p, stem))
+    if match.problems:
+        raise CheckpointMismatchError(
+            _mismatch_message(
+                source, stem, state_dict, match.missing, match.unexpected, match.mismatched
+            )
+        )
+    return match.converted
+
+
+@dataclasses.dataclass
+class Match:
+    """What `match_variables` found: converted variables and every problem."""
+
+    converted: dict[str, Any]
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+
+    @property
+    def problems(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+
+def match_variables(
+    state_dict: Mapping[str, np.ndarray],
+    target: Mapping[str, Any],
+    collections: tuple[str, ...],
+    key_of: Callable[[str, tuple[str, ...]], str],
+) -> Match:
+    """Converts every leaf of target[collection] from state_dict[key_of(collection, path)],
+    recording missing keys, unexpected keys and shape mismatches (in torch's layout)."""
+    converted: dict[str, dict[tuple[str, ...], jnp.ndarray]] = {c: {} for c in collections}
     missing, mismatched, used = [], [], set()
-    for collection in COLLECTIONS:
+    for collection in collections:
         for path, leaf in traverse_util.flatten_dict(dict(target[collection])).items():
-            key = torch_key(collection, path, stem)
+            key = key_of(collection, path)
             if key not in state_dict:
                 missing.append(key)
                 continue
             used.add(key)
-            value = _to_flax(np.asarray(state_dict[key]))
+            value = _to_flax(np.asarray(state_dict[key]), collection)
             if value.shape != tuple(leaf.shape):
                 mismatched.append(
                     f"{key}: file {tuple(np.shape(state_dict[key]))}, "
-                    f"model {_to_torch_shape(tuple(leaf.shape))}"
+                    f"model {to_torch_shape(tuple(leaf.shape), collection)}"
                 )
                 continue
             converted[collection][path] = jnp.asarray(value, dtype=leaf.dtype)
-    unexpected = sorted(k for k in state_dict if k not in used and not _ignored(k))
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(
-            _mismatch_message(source, stem, state_dict, missing, unexpected, mismatched)
-        )
-    return {c: traverse_util.unflatten_dict(converted[c]) for c in COLLECTIONS}
+    unexpected = sorted(k for k in state_dict if k not in used and not ignored(k))
+    return Match(
+        {c: traverse_util.unflatten_dict(converted[c]) for c in collections},
+        missing, unexpected, mismatched,
+    )
 
 
 def _mismatch_message(
@@ -151,13 +194,20 @@ def _mismatch_message(
 def read_state_dict(path: str) -> StateDict:
     """name -> np.ndarray from a .safetensors file (no torch) or a torch checkpoint (.pth).
 
-    Torch checkpoints may wrap the state dict in {"state_dict": ...} or {"model": ...} and
-    prefix keys with "module." (DataParallel); both are undone.
+    Torch checkpoints may wrap the state dict in {"net": ...} (the official EMANet train.py),
+    {"state_dict": ...} or {"model": ...} and prefix keys with "module." (DataParallel); both
+    are undone.
     """
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str) -> tuple[StateDict, int | None]:
+    """(name -> np.ndarray, the training step the file records or None), as `read_state_dict`;
+    the step is the "step" beside the wrapped state dict (EMANet's {'net': ..., 'step': ...})."""
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
-        return dict(load_file(path))
+        return dict(load_file(path)), None
     try:
         import torch
     except ImportError as e:
@@ -165,15 +215,26 @@ def read_state_dict(path: str) -> StateDict:
             f"Reading {path} needs PyTorch (pip install torch, the CPU build is enough), or "
             "convert it once elsewhere: python -m hemnet_jax.models.weights IN.pth OUT.safetensors"
         ) from e
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointMismatchError(f"{path} is no readable PyTorch checkpoint: {e}") from e
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointMismatchError(
+            f"{path} holds a {type(checkpoint).__name__}, not a state dict."
+        )
+    step = None
+    for wrapper in ("net", "state_dict", "model"):
         if isinstance(checkpoint.get(wrapper), Mapping):
+            if step is None and type(checkpoint.get("step")) is int:
+                step = checkpoint["step"]
             checkpoint = checkpoint[wrapper]
-    return {
+    state_dict = {
         k.removeprefix("module."): v.detach().float().numpy()
         for k, v in checkpoint.items()
         if isinstance(v, torch.Tensor)
     }
+    return state_dict, step
 
 
 def load_pretrained(variables: Mapping[str, Any], path: str, *, stem: Stem) -> dict[str, Any]:
@@ -191,10 +252,18 @@ def load_pretrained(variables: Mapping[str, Any], path: str, *, stem: Stem) -> d
 
 
 def main(argv: list[str]) -> None:
-    """`python -m hemnet_jax.models.weights IN.pth OUT.safetensors`: torch -> safetensors."""
+    """`python -m hemnet_jax.models.weights IN.pth OUT.safetensors`: torch -> safetensors.
+
+    `... import-emanet FILE --config CONFIG --workdir DIR` hands the process over to the import
+    program, `python -m hemnet_jax.training.import_official FILE ...` (it writes a training
+    checkpoint, which this module, below training, cannot import)."""
+    if argv[1:2] == ["import-emanet"]:
+        program = [sys.executable, "-m", "hemnet_jax.training.import_official", *argv[2:]]
+        os.execv(sys.executable, program)
     if len(argv) != 3:
         raise SystemExit(
-            f"usage: python -m hemnet_jax.models.weights IN.pth OUT.safetensors\n{__doc__}"
+            f"usage: python -m hemnet_jax.models.weights IN.pth OUT.safetensors\n"
+            f"   or: python -m hemnet_jax.models.weights {IMPORT_USAGE}\n{__doc__}"
         )
     from safetensors.numpy import save_file
 
