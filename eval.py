@@ -3,18 +3,24 @@
 Restores the workdir's latest checkpoint (or `--checkpoint PATH`, a step directory such as
 DIR/checkpoints/30000) and reports mIoU, pixel accuracy and per-class IoU on the evaluation
 split, whole images, over every device of every process. Prints a table and writes JSON to
-DIR/eval/ (see docs/evaluation.md).
+DIR/eval/, or to OUT/eval/ with `--output_dir OUT` (e.g. for a run you cannot write to); see
+docs/evaluation.md.
 
   --config.eval.multi_scale=True           multi-scale (eval.scales) + flip (eval.flip)
   --config.eval.num_iters=T                T_eval (default: T_train)
   --config.eval.num_iters_sweep=1,2,3,4,6  mIoU by T_eval (the paper's Table 2), one restore
+
+The config, then the checkpoint's recorded model and dataset, then the dataset's files are
+checked before any dataset is touched; a mistake ends in one FATAL line.
 """
 
-import sys
+import os
 
-from absl import app, flags, logging
+import jax
+from absl import flags
 
-from hemnet_jax import cli
+from hemnet_jax import cli, config_check
+from hemnet_jax.data import datasets
 from hemnet_jax.evaluation import runner
 from hemnet_jax.training import checkpointing, sharding, state
 
@@ -22,6 +28,7 @@ from hemnet_jax.training import checkpointing, sharding, state
 def define_flags() -> None:
     cli.define_config_flag("A configs/*.py file (with :variant): the config it was trained with.")
     cli.define_checkpoint_flags()
+    flags.DEFINE_string("output_dir", None, "Write eval/ here instead of into the run's workdir.")
     cli.define_distributed_flags()
 
 
@@ -30,17 +37,17 @@ def main(argv):
     cli.require_checkpoint_source()
     cli.quiet_library_logs()
     sharding.initialize_distributed(**cli.distributed_args())
-    config = flags.FLAGS.config
-    try:
-        runner.parse_sweep(config.eval.num_iters_sweep)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
-    logging.info("Config:\n%s", config)
-    try:
-        runner.evaluate(config, workdir=flags.FLAGS.workdir, checkpoint=flags.FLAGS.checkpoint)
-    except (checkpointing.CheckpointMismatchError, state.CheckpointNotFoundError) as e:
-        print(f"FATAL: {e}", file=sys.stderr)
-        sys.exit(1)
+    f, config = flags.FLAGS, flags.FLAGS.config
+    workdir, checkpoint, output_dir = (config_check.expand_path(p) if p else p
+                                       for p in (f.workdir, f.checkpoint, f.output_dir))
+    directory, step = state.locate_checkpoint(workdir, checkpoint)
+    results = os.path.join(output_dir or workdir or state.run_dir_of(directory), "eval")
+    registry = datasets.registry()
+    config_check.check(config, datasets=registry, num_devices=jax.device_count(),
+                       folders={"--output_dir": results})
+    checkpointing.check_recorded_config(config, directory, step)
+    config_check.check(config, datasets=registry, data=True)
+    runner.evaluate(config, workdir=workdir, checkpoint=checkpoint, output_dir=output_dir)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,20 @@ Data-parallel over every device of every process. A multi-host run starts one co
 command per host; Cloud TPU VMs, SLURM and Open MPI are detected, elsewhere pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 Re-running the same command resumes from the workdir's latest checkpoint.
+
+Before anything is created or built, the config (every key), the files the run reads, the
+workdir and a resumed checkpoint's recorded model are checked; a mistake ends in one FATAL line.
+The resolved config is written to DIR/config.json, what the console shows to DIR/train.log.
 """
 
-import sys
+import os
 
-from absl import flags, logging
+import jax
+from absl import flags
 
-from hemnet_jax import cli, trainer
-from hemnet_jax.training import sharding
+from hemnet_jax import cli, config_check, trainer
+from hemnet_jax.data import datasets
+from hemnet_jax.training import checkpointing, sharding
 
 
 def define_flags() -> None:
@@ -25,13 +31,15 @@ def main(argv):
     cli.no_extra_arguments(argv)
     cli.quiet_library_logs()
     sharding.initialize_distributed(**cli.distributed_args())
-    config = flags.FLAGS.config
-    logging.info("Config:\n%s", config)
-    try:
-        trainer.train_and_evaluate(config, flags.FLAGS.workdir)
-    except FloatingPointError as e:  # a diverged run: the message says what to do
-        logging.error("%s", e)
-        sys.exit(1)
+    config, workdir = flags.FLAGS.config, config_check.expand_path(flags.FLAGS.workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    resuming = checkpointing.has_checkpoint(checkpoints)
+    config_check.check(config, datasets=datasets.registry(), num_devices=jax.device_count(),
+                       data=True, pretrained=not resuming, folders={"--workdir": workdir})
+    if resuming:
+        checkpointing.check_recorded_config(config, checkpoints)
+    cli.start_run_files(config, workdir, "train")
+    trainer.train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":

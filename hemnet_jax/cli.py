@@ -2,39 +2,72 @@
 
 `--config FILE[:ARG]` loads a config file; `--config.a.b=value` overrides a key. A mistyped key
 ends the program with one line that names it and the keys that do exist there.
+
+Every program's main runs under `run` (or `run_plain`): an expected error (`UserError`, e.g. a
+config value `config_check` rejects, a checkpoint of another model, a missing download) ends it
+with one `FATAL:` line and exit code 1; `HEMNET_DEBUG=1` shows its traceback too. Any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
+import json
 import logging as std_logging
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
+import jax
 import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
+from etils import epath
 from ml_collections import config_flags
+
+from hemnet_jax.errors import UserError
+
+
+class ConfigFileError(FileNotFoundError, UserError):
+    """The --config file does not exist."""
+
+
+def require_config_file(spec: str) -> None:
+    """Raises ConfigFileError unless the file of `FILE[:ARG]` exists."""
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        raise ConfigFileError(
+            f"--config {spec}: no such file {path!r}. Pass a config file such as "
+            "configs/synthetic.py (relative to the current folder)."
+        )
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Loads `path.py[:arg]` the way `--config` does (get_config(arg))."""
+    require_config_file(spec)
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("_hemnet_config", path)
     if module_spec is None or module_spec.loader is None:
-        raise FileNotFoundError(f"Config file {path!r} not found.")
+        raise ConfigFileError(f"--config {spec}: {path!r} is not a Python file.")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
 
 
+def config_spec(argv: Sequence[str]) -> str | None:
+    """The FILE[:ARG] of `--config` in argv, if any."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None and "--config" in argv[:-1]:
+        spec = argv[list(argv).index("--config") + 1]
+    return spec
+
+
 def unknown_override(argv: Sequence[str]) -> str | None:
     """The message for the first `--config.KEY=` override naming a key the config lacks."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is None and "--config" in argv:
-        spec = argv[list(argv).index("--config") + 1]
+    spec = config_spec(argv)
     if spec is None:
         return None
     config = load_config_file(spec)
@@ -59,26 +92,94 @@ def unknown_override(argv: Sequence[str]) -> str | None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """`flags_parser` for absl's app.run: parses, or exits with a clear line on a bad override."""
+    spec = config_spec(argv[1:])
     try:
-        return flags.FLAGS(argv)
+        if spec is not None:
+            require_config_file(spec)  # else absl prints a traceback and an _ErrorConfig object
+    except ConfigFileError as e:
+        fatal(str(e))
+    try:
+        rest = flags.FLAGS(argv)
     except (AttributeError, KeyError, ValueError, TypeError, flags.Error) as e:
         try:
             message = unknown_override(argv[1:])
+        except UserError as user_error:  # e.g. an unknown variant
+            message = str(user_error)
         except Exception:  # the config file itself is broken: its own error says more
             message = None
-        print(f"FATAL: {message or f'bad command line: {e}'}", file=sys.stderr)
-        sys.exit(2)
+        fatal(message or f"bad command line: {e}")
+    if spec is not None:
+        try:
+            flags.FLAGS.config  # noqa: B018  (config_flags defers a loading error to here)
+        except Exception as e:
+            try:
+                load_config_file(spec)  # the error itself, not absl's wrapper of it
+            except UserError as user_error:  # e.g. an unknown variant
+                fatal(str(user_error))
+            raise e
+    return rest
 
 
-class _QuietLibraries(std_logging.Filter):
-    """Drops INFO records of orbax's internals so the training log shows the run itself."""
+# ---------------------------------------------------------------------------------------------
+# The console and the run's log file: what a person reads.
+
+# Library warnings that ask nothing of the user, each with its source.
+HARMLESS_WARNINGS = (
+    "Given directory is read only",  # orbax, on every read-only restore (eval, predict)
+    "has no dataset_info.json",  # TFDS, looking for a dataset before building it
+)
+
+
+class ConsoleFilter(std_logging.Filter):
+    """Keeps this project's records, clu's progress (steps/s, ETA) and metrics, and every
+    library's warnings and errors, except HARMLESS_WARNINGS and clu's hyperparameter dump (the
+    config is in the workdir's config.json). Libraries' INFO records are dropped."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+        path = record.pathname
+        if "/hemnet_jax/" in path or path == os.path.abspath(sys.argv[0]):
+            return True
+        if record.levelno >= std_logging.WARNING:
+            return not any(text in str(record.msg) for text in HARMLESS_WARNINGS)
+        return "/clu/" in path and not str(record.msg).startswith("[Hyperparameters]")
 
 
 def quiet_library_logs() -> None:
-    absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+    """Applies ConsoleFilter to absl's handler (the console)."""
+    absl_logging.get_absl_handler().addFilter(ConsoleFilter())
+
+
+def log_to_file(path: str) -> None:
+    """Also writes what the console shows (absl's format) to `path`, a local file, appended."""
+    handler = std_logging.FileHandler(path)
+    handler.setFormatter(absl_logging.PythonFormatter())
+    handler.addFilter(ConsoleFilter())
+    std_logging.getLogger().addHandler(handler)
+
+
+def start_run_files(config: ml_collections.ConfigDict, workdir: str, program: str) -> None:
+    """Creates `workdir`; process 0 writes config.json there; every process logs what its console
+    shows to `<program>.log` (`<program>.process<i>.log` beyond process 0). A gs:// workdir
+    gets config.json only (logging needs a local file)."""
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    index = jax.process_index()
+    if index == 0:
+        write_config_json(config, os.path.join(workdir, "config.json"))
+    if "://" not in workdir:
+        suffix = "" if index == 0 else f".process{index}"
+        log_to_file(os.path.join(workdir, f"{program}{suffix}.log"))
+    absl_logging.info("Config written to %s.", os.path.join(workdir, "config.json"))
+
+
+def write_config_json(config: ml_collections.ConfigDict, path: str) -> None:
+    """The resolved config as JSON (tuples as lists), written atomically where local."""
+    text = json.dumps(config.to_dict(), indent=1, sort_keys=True) + "\n"
+    if "://" in path:
+        epath.Path(path).write_text(text)
+        return
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +232,58 @@ def no_extra_arguments(argv: Sequence[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
 
 
-def run(main, define_flags) -> None:
-    """A program's `__main__`: define its flags, then absl's app.run with our flag parser."""
+
+# ---------------------------------------------------------------------------------------------
+# Expected errors: one FATAL line.
+
+DEBUG_VARIABLE = "HEMNET_DEBUG"  # =1: a user error shows its full traceback too
+
+
+def fatal(message: str) -> NoReturn:
+    """Ends the program: `FATAL: message` on stderr, exit code 1."""
+    print(f"FATAL: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def user_error_in(error: BaseException) -> UserError | None:
+    """`error` or the first UserError it was raised from (libraries such as TFDS re-raise)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def reporting_user_errors(main: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`main` with expected errors (UserError) turned into `fatal`; others keep their traceback,
+    and so do expected ones when HEMNET_DEBUG=1."""
+
+    @functools.wraps(main)
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except Exception as e:
+            user_error = user_error_in(e)
+            if user_error is None or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+                raise
+            fatal(str(user_error))
+
+    return wrapped
+
+
+def run(main: Callable[[list[str]], Any], define_flags: Callable[[], None]) -> None:
+    """A program's `__main__`: define its flags (all shown by --help), then absl's app.run with
+    our flag parser and expected errors reported as one FATAL line."""
+    before = set(flags.FLAGS)
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    for name in sorted(set(flags.FLAGS) - before):  # --help lists the main module's key flags
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+    app.run(reporting_user_errors(main), flags_parser=parse_flags)
+
+
+def run_plain(main: Callable[[list[str]], Any]) -> None:
+    """`run` for a program that parses its own arguments: main(sys.argv) (the program name
+    first, as absl passes it) with expected errors as FATAL lines."""
+    reporting_user_errors(main)(sys.argv)

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from hemnet_jax.errors import UserError
+
+
+class UnknownVariantError(ValueError, UserError):
+    """`--config FILE:VARIANT` names a variant the file does not have."""
+
 
 def model_config() -> ml_collections.ConfigDict:
     """HEMNet with a ResNet-101 backbone at output stride 8, C = 512, K = 64, T = 3, eta = 0.5."""
@@ -61,6 +67,7 @@ def data_config() -> ml_collections.ConfigDict:
     d.train_split = ""  # "" is the dataset's training split (train_aug for VOC)
     d.eval_split = ""  # "" is the dataset's evaluation split (val)
     d.crop_size = 513
+    d.allow_large_crop = False  # allow a crop larger than every image at the largest scale
     d.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
     d.shuffle_buffer = 1024
     d.eval_pad_size = 513  # whole images padded to this size at evaluation (VOC: at most 500)
@@ -139,7 +146,7 @@ def apply_variants(
     name in `variants` mapping to a function of the whole config."""
     for name in filter(None, (v.strip() for v in arg.split(","))):
         if name not in variants:
-            raise ValueError(
+            raise UnknownVariantError(
                 f"Unknown variant {name!r} of {source}; known: {', '.join(sorted(variants))}."
             )
         variants[name](config)

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from hemnet_jax import _compat
 from hemnet_jax.data import datasets
+from hemnet_jax.errors import UserError
 from hemnet_jax.evaluation import metrics, validation
 from hemnet_jax.models import create_model
 from hemnet_jax.studies import layer_gradients
@@ -45,9 +46,13 @@ __getattr__ = _compat.moved_attributes(
 # The loop.
 
 
+class TrainingDivergedError(FloatingPointError, UserError):
+    """The loss became NaN or Inf; the message names the steps and the last good checkpoint."""
+
+
 def _check_finite(finite: jax.Array, first_step: int, last_step: int, ckpt_step) -> None:
     if not bool(finite):
-        raise FloatingPointError(
+        raise TrainingDivergedError(
             f"The training loss became NaN or Inf between steps {first_step} and {last_step}. "
             f"Training stopped without saving; the last good checkpoint is step {ckpt_step}. "
             "Lower train.learning_rate, check the data, or train in float32 (model.dtype)."

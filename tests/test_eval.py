@@ -203,15 +203,24 @@ def _labelled_pixels(config) -> int:
     return int(sum((b["label"] != 255).sum() for b in batches))
 
 
+def _output_dir(trained: str) -> str:
+    """Where eval.py's test writes (--output_dir): outside the run's checkpoints and eval/."""
+    return os.path.join(trained, "elsewhere")
+
+
 def test_eval_py_reads_a_training_checkpoint(trained, tiny_data_dir):
+    """And writes its JSON to --output_dir, nothing into the run (issue 15, Found 4)."""
+    before = sorted(os.walk(os.path.join(trained, "checkpoints")))
     result = _run("eval.py", "--config", "tests/tiny.py", "--workdir", trained,
-                  f"--config.data.data_dir={tiny_data_dir}")
+                  f"--config.data.data_dir={tiny_data_dir}", f"--output_dir={_output_dir(trained)}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not os.path.exists(os.path.join(trained, "eval"))
+    assert sorted(os.walk(os.path.join(trained, "checkpoints"))) == before
     title = f"checkpoints/{TRAIN_STEPS} (step {TRAIN_STEPS}), single scale, T_eval=2"
     assert title in result.stdout
     for name in ("background", "striped_disc", "hatched_ring", "mIoU", "pixel acc."):
         assert name in result.stdout, name
-    path = os.path.join(trained, "eval", f"step{TRAIN_STEPS}_ss_T2.json")
+    path = os.path.join(_output_dir(trained), "eval", f"step{TRAIN_STEPS}_ss_T2.json")
     with open(path) as f:
         report = json.load(f)
     assert report["step"] == TRAIN_STEPS and report["mode"] == "ss"
@@ -229,15 +238,15 @@ def test_sweep_restores_once_and_matches_single_scale(trained, tiny_data_dir, ca
     """A T_eval sweep with the MS predictor at scale 1.0 without flip: its T = 2 entry is the
     single-scale result of eval.py (run by the previous test, or here)."""
     config = _config(tiny_data_dir)
-    ss_path = os.path.join(trained, "eval", f"step{TRAIN_STEPS}_ss_T2.json")
+    ss_path = os.path.join(_output_dir(trained), "eval", f"step{TRAIN_STEPS}_ss_T2.json")
     if not os.path.exists(ss_path):
-        runner.evaluate(config, workdir=trained)
+        runner.evaluate(config, workdir=trained, output_dir=_output_dir(trained))
     with open(ss_path) as f:
         ss = json.load(f)["results"][0]
     config.eval.update(num_iters_sweep="1,2", multi_scale=True, scales=(1.0,), flip=False)
     report = runner.evaluate(config, workdir=trained)
     assert [r["num_iters"] for r in report["results"]] == [1, 2]
-    assert report["json"].endswith(f"step{TRAIN_STEPS}_ms_sweep.json")
+    assert report["json"].endswith(f"step{TRAIN_STEPS}_ms1_T1-2.json")
     assert os.path.exists(report["json"])
     out = capsys.readouterr().out
     assert "mIoU by T_eval" in out and "(* = T_train = 2)" in out
@@ -300,3 +309,25 @@ def test_predict_cli_on_the_training_checkpoint(trained, tmp_path):
     assert mask.mode == "P" and mask.size == (37, 24)
     assert Image.open(out / "photo_overlay.png").size == (37, 24)
     assert "Wrote 1 masks and overlays" in result.stdout
+
+
+def test_result_file_names_encode_every_setting_that_changes_the_numbers():
+    """Found 8: results of different scales, flips, T_eval, sweeps or partial splits never
+    share a file."""
+    settings = [
+        ({}, [3], False), ({"multi_scale": True}, [3], False),
+        ({"multi_scale": True, "flip": False}, [3], False),
+        ({"multi_scale": True, "scales": (0.75, 1.0, 1.25)}, [3], False),
+        ({"multi_scale": True, "scales": (0.75, 1.0, 1.25), "flip": False}, [3], False),
+        ({}, [4], False), ({}, [1, 2], True), ({}, [1, 2, 3], True),
+        ({"max_batches": 2}, [3], False),
+    ]
+    names = []
+    for update, iters, sweep in settings:
+        config = tiny_config().eval
+        config.update(update)
+        names.append(runner.result_file_name(3000, config, iters, sweep))
+    assert len(set(names)) == len(names), names
+    assert names[0] == "step3000_ss_T3.json"
+    assert names[3] == "step3000_ms0.75-1-1.25_flip_T3.json"
+    assert names[6] == "step3000_ss_T1-2.json"

@@ -64,7 +64,7 @@ def test_report_of_a_tiny_model(tiny_config):
 
 def test_command_line(tmp_path):
     cmd = [
-        sys.executable, "-m", "hemnet_jax.models.report", "--config", "configs/voc.py",
+        sys.executable, "-m", "hemnet_jax.models.report", "--config", "configs/voc.py:emanet",
         "--config.model.backbone=resnet_tiny", "--config.model.base_width=8",
         "--config.model.head_channels=256", "--image_size=33",
     ]
@@ -73,3 +73,7 @@ def test_command_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "head C=256 (K=64, T=3)" in done.stdout
     assert "+45.2 GFLOPs, +5.15 M" in done.stdout  # the paper's numbers for C = 256
+    # Which variant it reports (issue 15, Found 10).
+    assert done.stdout.startswith("--config configs/voc.py:emanet\n")
+    assert "Model: EMANet unit: eta 1, T 3, K 64, temperature 1, L2-normalised bases, " \
+        "gradient-free EM." in done.stdout

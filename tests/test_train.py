@@ -5,6 +5,7 @@ dataset, the tf.data pipeline, the jitted sharded step, orbax checkpoints and cl
 """
 
 import glob
+import json
 import os
 import re
 import signal
@@ -145,19 +146,36 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_data_dir, tmp_path):
         cwd=REPO,
         env=_subprocess_env(2),
     )
+    console = []
     try:
         for line in proc.stderr:
+            console.append(line)
             if re.search(r"\] \[2\] .*loss=", line) or re.search(r"^\[2\] .*loss=", line):
                 proc.send_signal(signal.SIGTERM)
                 break
-        proc.stderr.read()
+        console.append(proc.stderr.read())
         assert proc.wait(timeout=120) == 0
     finally:
         proc.kill()
+    _assert_console_and_log_file(workdir, "".join(console))
     saved = Checkpointer(f"{workdir}/checkpoints", read_only=True).latest_step()
     assert saved is not None and 2 <= saved < 100
     resumed = trainer.train_and_evaluate(_config(tiny_data_dir, num_steps=saved + 2), str(workdir))
     assert int(resumed.step) == saved + 2
+
+
+def _assert_console_and_log_file(workdir, console: str) -> None:
+    """Issue 15, Found 6-7: the console shows the run, not library noise; the workdir holds the
+    resolved config as config.json and what the console showed as train.log."""
+    for noise in ("libtpu", "[Hyperparameters]", "Config:\n", "read only", "dataset_info.py",
+                  "reader.py", "\x1b["):
+        assert noise not in console, noise
+    with open(workdir / "config.json") as f:
+        saved = json.load(f)
+    assert saved["model"]["num_bases"] == 8 and saved["train"]["num_steps"] == 100000
+    assert saved["data"]["scales"] == [0.75, 1.0, 1.25]
+    log = (workdir / "train.log").read_text()
+    assert re.search(r"\[2\] .*loss=", log) and "Stopped at step" in log
 
 
 def _free_port() -> int:

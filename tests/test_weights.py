@@ -193,6 +193,7 @@ def test_wrong_stem_is_named(tiny_hemnet_variables, tmp_path):
 
 def test_pth_without_torch_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    (tmp_path / "resnet.pth").write_bytes(b"a .pth file")
     with pytest.raises(ImportError, match="needs PyTorch.*safetensors"):
         weights.read_state_dict(str(tmp_path / "resnet.pth"))
 

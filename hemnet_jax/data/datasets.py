@@ -3,6 +3,11 @@
 import dataclasses
 
 from hemnet_jax.data import classes, scenes
+from hemnet_jax.errors import UserError
+
+
+class UnknownDatasetError(ValueError, UserError):
+    """A dataset name that is not registered; the message lists the known ones."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +72,11 @@ _REGISTRY: dict[str, DatasetInfo] = {
 }
 
 
+def registry() -> dict[str, DatasetInfo]:
+    """Every registered dataset by name (what `config_check.check(datasets=...)` takes)."""
+    return dict(_REGISTRY)
+
+
 def dataset_names() -> tuple[str, ...]:
     """Every name get_dataset_info knows."""
     return tuple(_REGISTRY)
@@ -76,9 +86,11 @@ def get_dataset_info(name: str) -> DatasetInfo:
     """The DatasetInfo of a registered dataset (a TFDS name, optionally "name/config").
 
     Raises:
-      ValueError: unknown name; the message lists the known ones.
+      UnknownDatasetError: unknown name; the message lists the known ones.
     """
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"Unknown dataset {name!r}; known: {', '.join(dataset_names())}") from None
+        raise UnknownDatasetError(
+            f"Unknown dataset {name!r}; known: {', '.join(dataset_names())}"
+        ) from None

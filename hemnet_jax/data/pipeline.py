@@ -156,7 +156,11 @@ def make_eval_dataset(
     padding = tf.data.Dataset.from_tensors(_padding_example(pad))
     padding = padding.repeat(num_batches * per_process_batch_size - num_examples)
     if num_examples:
-        ds = builder.as_dataset(split=shard, shuffle_files=False)
+        # No TFDS auto-cache: each validation builds its dataset anew, so a cache is never
+        # reused, and a partial read (eval.max_batches) makes tf.data warn about it.
+        ds = builder.as_dataset(
+            split=shard, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
+        )
         ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.concatenate(padding)
     else:

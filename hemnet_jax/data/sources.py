@@ -18,15 +18,16 @@ from PIL import Image
 
 from hemnet_jax.data.classes import IGNORE_LABEL
 from hemnet_jax.data.tf_devices import hide_accelerators_from_tensorflow
+from hemnet_jax.errors import UserError
 
 hide_accelerators_from_tensorflow()  # Before any TensorFlow op: importing runs none.
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(FileNotFoundError, UserError):
     """A download, or a file inside one, is not where the builder looked for it."""
 
 
-class InvalidExampleError(ValueError):
+class InvalidExampleError(ValueError, UserError):
     """An image or a label file is corrupt or inconsistent (size, label values)."""
 
 
@@ -60,7 +61,8 @@ class Download:
 def manual_download_instructions(downloads: Sequence[Download], notes: str = "") -> str:
     """MANUAL_DOWNLOAD_INSTRUCTIONS text for a builder from its downloads."""
     text = (
-        "Download into manual_dir (tfds build --manual_dir DIR, or DownloadConfig(manual_dir)):\n"
+        "Download into manual_dir (train.py/eval.py: --config.data.manual_dir=DIR; "
+        "python -m hemnet_jax.data.prepare NAME --manual_dir DIR):\n"
     )
     text += "\n".join(d.instructions() for d in downloads)
     return text + (f"\n{notes}" if notes else "")

@@ -15,7 +15,6 @@ multiple of 32; each new canvas size compiles once). One device, one image at a 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,21 +25,26 @@ import numpy as np
 from absl import flags
 from PIL import Image, UnidentifiedImageError
 
-from hemnet_jax import cli
+from hemnet_jax import cli, config_check
 from hemnet_jax.data import augment, palette
+from hemnet_jax.errors import UserError
 from hemnet_jax.evaluation import predictors
-from hemnet_jax.training import checkpointing, sharding, state
+from hemnet_jax.training import sharding, state
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OVERLAY_ALPHA = 0.5  # weight of the class colours in the overlay
 
 
-class ImageReadError(ValueError):
+class ImageReadError(ValueError, UserError):
     """An input image cannot be read or decoded; the message names the file."""
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(ValueError, UserError):
     """The image folder holds no image, or two images whose outputs would share a name."""
+
+
+class MissingImageFolderError(FileNotFoundError, UserError):
+    """The image folder does not exist."""
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -53,7 +57,9 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"Image folder {str(folder)!r} does not exist or is not a folder.")
+        raise MissingImageFolderError(
+            f"Image folder {str(folder)!r} does not exist or is not a folder (--images)."
+        )
     paths = sorted(p for p in folder.iterdir()
                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
@@ -160,20 +166,16 @@ def main(argv: list[str]) -> None:
     cli.require_checkpoint_source()
     FLAGS = flags.FLAGS
     cli.quiet_library_logs()
-    try:
-        list_images(FLAGS.images)  # fail on a bad folder before restoring
-        restored = state.restore_for_eval(
-            FLAGS.config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-            mesh=sharding.create_mesh(jax.local_devices()[:1]),
-        )
-        segment = make_segmenter(restored.model, restored.variables, FLAGS.config)
-        written = predict_folder(segment, FLAGS.images, FLAGS.output)
-    except (FileNotFoundError, ImageFolderError, ImageReadError,
-            checkpointing.CheckpointMismatchError) as e:
-        print(f"FATAL: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"Wrote {len(written)} masks and overlays to {FLAGS.output} "
-          f"(checkpoint {restored.path}).")
+    images, output = (config_check.expand_path(p) for p in (FLAGS.images, FLAGS.output))
+    config_check.check(FLAGS.config, folders={"--output": output})
+    list_images(images)  # fail on a bad folder before restoring
+    restored = state.restore_for_eval(
+        FLAGS.config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+        mesh=sharding.create_mesh(jax.local_devices()[:1]),
+    )
+    segment = make_segmenter(restored.model, restored.variables, FLAGS.config)
+    written = predict_folder(segment, images, output)
+    print(f"Wrote {len(written)} masks and overlays to {output} (checkpoint {restored.path}).")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Metrics come from `validation.validate` (the code training's periodic validation uses) with the
 predictor `config.eval` asks for (single scale, or multi-scale + flip). Process 0 prints the
-results and writes them as JSON to `<run_dir>/eval/step<N>_<mode>_T<T>.json`, or
-`..._sweep.json` for a sweep; every process holds the same totals.
+results and writes them as JSON to `<run_dir>/eval/` (or `<output_dir>/eval/`), named by every
+setting that changes the numbers (`result_file_name`); every process holds the same totals.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def evaluate(
     """
     mesh = sharding.create_mesh() if mesh is None else mesh
     sweep = parse_sweep(config.eval.num_iters_sweep)
-    prepare_data(config)
     restored = state.restore_for_eval(config, workdir=workdir, checkpoint=checkpoint, mesh=mesh)
+    prepare_data(config)  # after the checkpoint's recorded dataset was checked
     info, model = restored.info, restored.model
     t_train = config.model.num_iters
     iters = sweep or [config.eval.num_iters or t_train]
@@ -87,7 +87,7 @@ def evaluate(
         "flip": bool(config.eval.multi_scale and config.eval.flip),
         "num_iters_train": t_train, "max_batches": config.eval.max_batches, "results": results,
     }
-    name = f"step{restored.step}_{mode}_" + ("sweep" if sweep else f"T{iters[0]}") + ".json"
+    name = result_file_name(restored.step, config.eval, iters, sweep=bool(sweep))
     path = os.path.join(output_dir or workdir or restored.run_dir, "eval", name)
     report["json"] = path
     if jax.process_index() == 0:
@@ -97,6 +97,30 @@ def evaluate(
             json.dump(report, f, indent=1)
         print(f"Results written to {path}", flush=True)
     return report
+
+
+def result_file_name(step: int, eval_config: ml_collections.ConfigDict, iters: list[int],
+                     sweep: bool) -> str:
+    """The JSON's name: every setting that changes the numbers, so that two settings never share
+    a file: step, scales (with flip), T_eval (or the sweep), padding and a partial split.
+
+    E.g. step3000_ss_T3.json, step3000_ms0.75-1-1.25_flip_T3.json, step3000_ss_T1-2-4.json,
+    step3000_ss_T3_first2batches.json.
+    """
+    parts = [f"step{step}"]
+    if eval_config.multi_scale:
+        parts.append("ms" + "-".join(f"{s:g}" for s in eval_config.scales))
+        if eval_config.flip:
+            parts.append("flip")
+    else:
+        parts.append("ss")
+    parts.append("T" + "-".join(str(t) for t in iters) if sweep else f"T{iters[0]}")
+    padding = eval_config.get("padding")
+    if padding:
+        parts.append(f"pad{padding}")
+    if eval_config.max_batches:
+        parts.append(f"first{eval_config.max_batches}batches")
+    return "_".join(parts) + ".json"
 
 
 def format_sweep_table(results: list[dict[str, Any]], t_train: int) -> str:

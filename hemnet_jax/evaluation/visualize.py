@@ -19,7 +19,6 @@ its own size.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -28,15 +27,16 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from hemnet_jax import cli, hem
+from hemnet_jax import cli, config_check, hem
 from hemnet_jax.data import palette
+from hemnet_jax.errors import UserError
 from hemnet_jax.evaluation.predict import ImageReadError, normalize, read_image
-from hemnet_jax.training import checkpointing, sharding, state
+from hemnet_jax.training import sharding, state
 
 NUM_SHOWN = 3  # rows of the grid when --bases / --channels are not given
 
 
-class IndexSelectionError(ValueError):
+class IndexSelectionError(ValueError, UserError):
     """A chosen basis or channel index is out of range."""
 
 
@@ -190,25 +190,22 @@ def main(argv: list[str]) -> None:
         bases, channels = parse_indices(FLAGS.bases), parse_indices(FLAGS.channels)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    try:
-        rgb = read_image(FLAGS.image)
-        label = read_label(FLAGS.label, rgb.shape[:2]) if FLAGS.label else None
-        restored = state.restore_for_eval(
-            FLAGS.config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-            mesh=sharding.create_mesh(jax.local_devices()[:1]),
-        )
-        pictures = hem_pictures(restored.model, restored.variables, rgb,
-                                num_iters=FLAGS.config.eval.num_iters)
-        save_attention_grid(
-            FLAGS.output, rgb, pictures, label=label,
-            bases=bases or default_bases(pictures["gamma"]),
-            channels=channels or default_channels(pictures["x_tilde"]),
-        )
-    except (FileNotFoundError, ImageReadError, IndexSelectionError,
-            checkpointing.CheckpointMismatchError) as e:
-        print(f"FATAL: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"Wrote {FLAGS.output} (checkpoint {restored.path}).")
+    output = config_check.expand_path(FLAGS.output)
+    config_check.check(FLAGS.config, folders={"--output": os.path.dirname(output) or "."})
+    rgb = read_image(FLAGS.image)
+    label = read_label(FLAGS.label, rgb.shape[:2]) if FLAGS.label else None
+    restored = state.restore_for_eval(
+        FLAGS.config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+        mesh=sharding.create_mesh(jax.local_devices()[:1]),
+    )
+    pictures = hem_pictures(restored.model, restored.variables, rgb,
+                            num_iters=FLAGS.config.eval.num_iters)
+    save_attention_grid(
+        output, rgb, pictures, label=label,
+        bases=bases or default_bases(pictures["gamma"]),
+        channels=channels or default_channels(pictures["x_tilde"]),
+    )
+    print(f"Wrote {output} (checkpoint {restored.path}).")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import flags
 
-from hemnet_jax import cli
+from hemnet_jax import cli, config_check
 from hemnet_jax.models import create_model
 from hemnet_jax.models.layers import Conv1x1
 
@@ -188,6 +189,7 @@ def format_report(report: Report, model_config: ml_collections.ConfigDict) -> st
     )
     madd = f"{r.flops_per_madd:g}"
     lines = [
+        f"Model: {attention_unit(m)}.",
         f"Inference forward (train=False), batch 1, {r.image_size}x{r.image_size}, compute dtype "
         f"{m.dtype}; XLA {jax.default_backend()} compiled cost and memory analysis.",
         f"XLA counts a multiply-add as {madd} FLOPs (measured on a matmul and a conv), and only "
@@ -226,12 +228,24 @@ def format_report(report: Report, model_config: ml_collections.ConfigDict) -> st
     return "\n".join(lines)
 
 
+def attention_unit(m: ml_collections.ConfigDict) -> str:
+    """Which attention unit `m` configures, in words (EMANet is the eta = 1 config)."""
+    temperature = "sqrt(C)" if m.temperature is None else f"{m.temperature:g}"
+    emanet = m.step_size == 1.0 and m.l2_normalize and m.stop_em_gradient
+    name = "EMANet unit" if emanet else "HEMNet unit"
+    return (f"{name}: eta {m.step_size:g}, T {m.num_iters}, K {m.num_bases}, temperature "
+            f"{temperature}, {'L2-normalised' if m.l2_normalize else 'unnormalised'} bases, "
+            f"{'gradient-free' if m.stop_em_gradient else 'back-propagated'} EM")
+
+
 def main(argv: list[str]) -> None:
     cli.no_extra_arguments(argv)
     config = flags.FLAGS.config
+    config_check.check(config)
     report = model_report(
         config.model, num_classes=flags.FLAGS.num_classes, image_size=flags.FLAGS.image_size
     )
+    print(f"--config {cli.config_spec(sys.argv[1:])}")
     print(format_report(report, config.model))
 
 

@@ -30,6 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from hemnet_jax import cli
+from hemnet_jax.errors import UserError
+
 Stem = Literal["deep", "torchvision"]
 StateDict = dict[str, np.ndarray]
 
@@ -52,9 +55,10 @@ LEAF_NAMES = {
 }
 COLLECTIONS = ("params", "batch_stats")
 IMPORT_USAGE = "import-emanet FILE.pth --config configs/voc.py:emanet --workdir DIR [--step N]"
+SHOWN_PER_KIND = 8  # keys listed per kind of mismatch; the rest are counted
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ValueError, UserError):
     """The checkpoint's keys or shapes do not match the backbone; lists every problem."""
 
 
@@ -183,12 +187,22 @@ def _mismatch_message(
     ):
         if items:
             lines.append(f"  {len(items)} {title}:")
-            lines.extend(f"    {item}" for item in items)
+            lines.extend(f"    {item}" for item in items[:SHOWN_PER_KIND])
+            if len(items) > SHOWN_PER_KIND:
+                lines.append(f"    ... and {len(items) - SHOWN_PER_KIND} more")
     if stem == "deep" and "conv1.weight" in state_dict:
         lines.append("  The file has a 7x7 stem (conv1.weight): set model.stem='torchvision'.")
     if stem == "torchvision" and "conv1.0.weight" in state_dict:
         lines.append("  The file has a deep stem (conv1.0.weight): set model.stem='deep'.")
     return "\n".join(lines)
+
+
+class WeightsFileError(ValueError, UserError):
+    """A weights file is missing or not a readable checkpoint; the message names it."""
+
+
+class MissingTorchError(ImportError, UserError):
+    """A .pth file needs PyTorch, which is not installed."""
 
 
 def read_state_dict(path: str) -> StateDict:
@@ -203,7 +217,28 @@ def read_state_dict(path: str) -> StateDict:
 
 def read_checkpoint(path: str) -> tuple[StateDict, int | None]:
     """(name -> np.ndarray, the training step the file records or None), as `read_state_dict`;
-    the step is the "step" beside the wrapped state dict (EMANet's {'net': ..., 'step': ...})."""
+    the step is the "step" beside the wrapped state dict (EMANet's {'net': ..., 'step': ...}).
+
+    Raises:
+      WeightsFileError: no such file, or not a readable checkpoint (the file is named).
+      MissingTorchError: a .pth file without PyTorch installed.
+      CheckpointMismatchError: a readable file that holds no state dict.
+    """
+    if not os.path.isfile(path):
+        raise WeightsFileError(f"{path}: no such weights file (docs/weights.md: where to get one).")
+    try:
+        return _read_checkpoint(path)
+    except UserError:
+        raise
+    except Exception as e:  # each format raises its own types for a damaged file
+        kind = "safetensors" if path.endswith(".safetensors") else "PyTorch checkpoint"
+        raise WeightsFileError(
+            f"{path}: not a readable {kind} file ({type(e).__name__}: {e}). Download it again, "
+            "or check that the name's extension matches its format."
+        ) from e
+
+
+def _read_checkpoint(path: str) -> tuple[StateDict, int | None]:
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
@@ -211,7 +246,7 @@ def read_checkpoint(path: str) -> tuple[StateDict, int | None]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(
+        raise MissingTorchError(
             f"Reading {path} needs PyTorch (pip install torch, the CPU build is enough), or "
             "convert it once elsewhere: python -m hemnet_jax.models.weights IN.pth OUT.safetensors"
         ) from e
@@ -265,12 +300,16 @@ def main(argv: list[str]) -> None:
             f"usage: python -m hemnet_jax.models.weights IN.pth OUT.safetensors\n"
             f"   or: python -m hemnet_jax.models.weights {IMPORT_USAGE}\n{__doc__}"
         )
+    source, target = argv[1:]
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder):
+        raise WeightsFileError(f"{target}: the folder {folder} does not exist; create it first.")
     from safetensors.numpy import save_file
 
-    state_dict = {k: np.ascontiguousarray(v) for k, v in read_state_dict(argv[1]).items()}
-    save_file(state_dict, argv[2])
-    print(f"Wrote {len(state_dict)} tensors to {argv[2]}.")
+    state_dict = {k: np.ascontiguousarray(v) for k, v in read_state_dict(source).items()}
+    save_file(state_dict, target)
+    print(f"Wrote {len(state_dict)} tensors to {target}.")
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    cli.run_plain(main)

@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags, logging
 from jax.sharding import Mesh
 
-from hemnet_jax import cli
+from hemnet_jax import cli, config_check
 from hemnet_jax.data import datasets, pipeline
 from hemnet_jax.models import HEMNet, create_model
 from hemnet_jax.studies.figures import plot_fig3
@@ -183,14 +183,18 @@ def main(argv: Sequence[str]) -> None:
     cli.no_extra_arguments(argv)
     cli.quiet_library_logs()
     FLAGS = flags.FLAGS
-    config, workdir = FLAGS.config, FLAGS.workdir
+    config = FLAGS.config
+    workdir, output_dir = (config_check.expand_path(p) if p else p
+                           for p in (FLAGS.workdir, FLAGS.output_dir))
+    config_check.check(config, datasets=datasets.registry(), num_devices=jax.device_count(),
+                       data=True, folders={"--output_dir": output_dir or workdir})
     model = create_model(config.model, datasets.get_dataset_info(config.data.name).num_classes)
     mesh = sharding.create_mesh()
     variables, step = load_variables(config, model, workdir, mesh)
     logging.info("Gradient-flow study at step %d on %d training crops.", step,
                  config.study.num_images)
     results = run_study(config, model, variables, fixed_training_crops(config), mesh)
-    output_dir = FLAGS.output_dir or os.path.join(workdir or ".", "gradient_flow", f"step_{step}")
+    output_dir = output_dir or os.path.join(workdir or ".", "gradient_flow", f"step_{step}")
     paths = write_results(results, study_meta(config, step), output_dir)
     print(format_table(results))
     print("\n".join(f"wrote {p}" for p in paths.values()))

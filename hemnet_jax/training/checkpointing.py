@@ -14,6 +14,9 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+
+from hemnet_jax.errors import UserError
 
 # Model keys that do not change what a checkpoint holds or means: a run may differ in them.
 RUNTIME_ONLY_MODEL_KEYS = frozenset({"pretrained", "dtype", "remat", "aux_loss_weight"})
@@ -24,7 +27,7 @@ def resolve_path(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ValueError, UserError):
     """A checkpoint was written by a run with another model or dataset."""
 
 
@@ -62,6 +65,35 @@ def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, w
         )
 
 
+def has_checkpoint(directory: str) -> bool:
+    """Whether `directory` (local or gs://) holds a step directory (named by its step)."""
+    root = epath.Path(directory)
+    return root.is_dir() and any(p.name.isdigit() and p.is_dir() for p in root.iterdir())
+
+
+def check_recorded_config(
+    config: ml_collections.ConfigDict, directory: str, step: int | None = None
+) -> int | None:
+    """Checks the run recorded with a checkpoint of `directory` (`step`, default its latest)
+    against `config`, reading only its JSON, before any model or dataset is built.
+
+    Returns:
+      The step checked; None when `directory` holds no checkpoint.
+    Raises:
+      CheckpointMismatchError: another model or dataset; every differing key is named.
+    """
+    if not has_checkpoint(directory):
+        return None
+    ckpt = Checkpointer(directory, read_only=True)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is not None:
+            ckpt.check_config(config, step)
+    finally:
+        ckpt.close()
+    return step
+
+
 class Checkpointer:
     """A `CheckpointManager` over `<workdir>/checkpoints`: save every N steps, keep the last K,
     asynchronously."""
@@ -78,9 +110,9 @@ class Checkpointer:
         self.directory = resolve_path(directory)  # orbax needs absolute local paths
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(
-                save_interval_steps=max(every, 1),
-                max_to_keep=keep,
+            options=ocp.CheckpointManagerOptions(  # read-only: no saving, no pruning
+                save_interval_steps=0 if read_only else max(every, 1),
+                max_to_keep=None if read_only else keep,
                 enable_async_checkpointing=asynchronous,
                 create=not read_only,
                 read_only=read_only,
@@ -112,8 +144,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
         where = os.path.join(self.directory, str(step))
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        check_compatible(meta["meta"], config, where)
+        meta = self.check_config(config, step)
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
@@ -122,7 +153,14 @@ class Checkpointer:
             raise CheckpointMismatchError(
                 f"The checkpoint {where} does not fit this model's variables: {e}"
             ) from e
-        return restored["state"], meta["meta"]
+        return restored["state"], meta
+
+    def check_config(self, config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
+        """The run metadata recorded with `step` (JSON only, no state read), after checking it
+        against `config` (CheckpointMismatchError names every key that differs)."""
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        check_compatible(meta["meta"], config, os.path.join(self.directory, str(step)))
+        return meta["meta"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

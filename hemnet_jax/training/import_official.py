@@ -14,7 +14,6 @@ train.py on DIR continues from the imported step.
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +23,20 @@ from absl import app, flags
 from etils import epath
 from jax.sharding import Mesh
 
-from hemnet_jax import cli
+from hemnet_jax import cli, config_check
 from hemnet_jax.data import datasets
+from hemnet_jax.errors import UserError
 from hemnet_jax.models import create_model, official, weights
 from hemnet_jax.training import checkpointing, sharding
 from hemnet_jax.training.state import TrainState, abstract_state, optimizer_for
+
+
+class ImportSettingError(ValueError, UserError):
+    """A config setting the official network cannot have."""
+
+
+class ExistingCheckpointError(FileExistsError, UserError):
+    """The workdir holds checkpoints already."""
 
 
 def import_official(
@@ -57,14 +65,14 @@ def import_official(
       ValueError: a config the official layout cannot express (the auxiliary head).
     """
     if config.model.aux_head:
-        raise ValueError(
+        raise ImportSettingError(
             "model.aux_head=True: the official network has no auxiliary head; import with "
             "--config.model.aux_head=False."
         )
     directory = os.path.join(checkpointing.resolve_path(workdir), "checkpoints")
     root = epath.Path(directory)
     if root.is_dir() and any(p.name.isdigit() for p in root.iterdir()):
-        raise FileExistsError(
+        raise ExistingCheckpointError(
             f"{directory} holds checkpoints already: import into a new --workdir."
         )
     state_dict, file_step = weights.read_checkpoint(path)
@@ -120,18 +128,12 @@ def main(argv: list[str]) -> None:
             f"Pass one checkpoint file: python -m hemnet_jax.models.weights {weights.IMPORT_USAGE}"
         )
     path = argv[1]
-    if not os.path.isfile(path):
-        print(f"FATAL: {path}: no such file.", file=sys.stderr)
-        sys.exit(1)
     cli.quiet_library_logs()
-    try:
-        where = import_official(
-            flags.FLAGS.config, path, flags.FLAGS.workdir, step=flags.FLAGS.step
-        )
-    except (ValueError, OSError, ImportError) as e:  # mismatches are ValueErrors
-        print(f"FATAL: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"Wrote {where}.")
+    config, workdir = flags.FLAGS.config, config_check.expand_path(flags.FLAGS.workdir)
+    config_check.check(config, datasets=datasets.registry(), folders={"--workdir": workdir})
+    if not os.path.isfile(path):
+        raise weights.WeightsFileError(f"{path}: no such file.")
+    print(f"Wrote {import_official(config, path, workdir, step=flags.FLAGS.step)}.")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from hemnet_jax.data import datasets
+from hemnet_jax.errors import UserError
 from hemnet_jax.models import HEMNet, create_model, weights
 from hemnet_jax.training import checkpointing, optim, sharding
 
@@ -126,7 +127,7 @@ def init_state(
 # Restoring a trained model: eval.py, predict, visualize, the studies.
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(FileNotFoundError, UserError):
     """No checkpoint where the user pointed."""
 
 
@@ -196,27 +197,32 @@ def restore_for_eval(
     Raises:
       CheckpointNotFoundError: see `locate_checkpoint`.
       checkpointing.CheckpointMismatchError: the checkpoint's model config or dataset differs
-        from `config`'s, or its variables do not fit the model.
+        from `config`'s (checked first, before the model is built), or its variables do not
+        fit the model.
     """
     mesh = sharding.create_mesh() if mesh is None else mesh
     directory, step = locate_checkpoint(workdir, checkpoint)
+    step = checkpointing.check_recorded_config(config, directory, step)
+    if step is None:
+        raise CheckpointNotFoundError(f"No checkpoint in {directory}.")
     info = datasets.get_dataset_info(config.data.name)
     model = create_model(config.model, info.num_classes)
     tx, _ = optimizer_for(config, model)
     ckpt = checkpointing.Checkpointer(directory, read_only=True)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointNotFoundError(f"No checkpoint in {directory}.")
         state, _ = ckpt.restore(abstract_state(model, tx, mesh), config, step)
     finally:
         ckpt.close()
-    parent, name = os.path.split(directory)
-    run_dir = parent if name == "checkpoints" else directory
     return Restored(
         model=model, variables=state.variables, step=int(jax.device_get(state.step)),
-        path=os.path.join(directory, str(step)), run_dir=run_dir, info=info,
+        path=os.path.join(directory, str(step)), run_dir=run_dir_of(directory), info=info,
     )
+
+
+def run_dir_of(directory: str) -> str:
+    """The run's workdir of a checkpoints directory (its parent), where results go."""
+    parent, name = os.path.split(directory)
+    return parent if name == "checkpoints" else directory
 
 
 def _step_dirs(directory: str) -> list[str]:
