@@ -15,6 +15,8 @@ What they measure (docs/diagnostics.md says which values mean collapse):
   every pixel picks one basis and the bases are used evenly; 1 when every pixel has the same
   attention (e.g. K identical bases give gamma = 1/K everywhere, whose `in_use` number is K).
 - `norm_stats`: mean and standard deviation of the bases' L2 norms ||mu_k||.
+- `distinct_attention`: clusters of bases whose attention maps correlate above a threshold:
+  the collapse as a picture shows it (identical maps), whatever the bases' norms.
 - `select_bases`: K' well-used bases whose attention maps differ, for pictures (Fig. 4).
 
 `attention_stats` is the jit-friendly reduction (sums over pixels, accumulable over batches);
@@ -176,15 +178,30 @@ class Selection:
         return len(self.indices) < self.requested
 
 
-def _map_correlation(maps: np.ndarray) -> np.ndarray:
-    """[K, P] -> [K, K] Pearson correlation; two constant maps correlate 1, constant vs not 0."""
+def map_correlation(gamma):
+    """Pearson correlation [K, K] of the bases' attention maps; jit-friendly.
+
+    gamma: [..., N, K]; every leading axis is part of the map (a batch gives one long map).
+    A constant map (no variance: e.g. every pixel attends 1/K to every basis) correlates 1 with
+    another constant map and 0 with any other.
+    """
+    dtype = jnp.promote_types(jnp.result_type(gamma), jnp.float32)
+    maps = jnp.asarray(gamma).astype(dtype)
+    maps = maps.reshape(-1, maps.shape[-1]).T  # [K, P]
     centred = maps - maps.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(centred, axis=1)
-    constant = norms <= 1e-12 * max(1.0, float(np.abs(maps).max()))
-    unit = centred / np.where(constant, 1.0, norms)[:, None]
+    norms = jnp.linalg.norm(centred, axis=1)
+    constant = norms <= 1e-6 * jnp.maximum(1.0, jnp.linalg.norm(maps, axis=1))
+    unit = centred / jnp.where(constant, 1.0, norms)[:, None]
     corr = unit @ unit.T
-    corr[np.ix_(constant, constant)] = 1.0
-    return corr
+    return jnp.where(constant[:, None] & constant[None, :], 1.0, corr)
+
+
+def distinct_attention(gamma, threshold: float = CORRELATION_THRESHOLD) -> np.ndarray:
+    """Cluster labels [K] of the bases by correlation of their attention maps > threshold.
+
+    gamma: [..., N, K]. `labels.max() + 1` is the number of distinct attention maps.
+    """
+    return cluster_labels(np.asarray(map_correlation(gamma)), threshold)
 
 
 def select_bases(gamma: np.ndarray, count: int, *,
@@ -200,10 +217,9 @@ def select_bases(gamma: np.ndarray, count: int, *,
         is part of the map).
     """
     g = np.asarray(gamma, np.float64)
-    maps = g.reshape(-1, g.shape[-1]).T  # [K, P]
-    mass = maps.sum(axis=1)
+    mass = g.reshape(-1, g.shape[-1]).sum(axis=0)
     share = mass / max(mass.sum(), 1e-300)
-    corr = _map_correlation(maps)
+    corr = np.asarray(map_correlation(g))
     taken: list[int] = []
     for k in np.argsort(-mass, kind="stable"):
         if share[k] < min_mass_share:

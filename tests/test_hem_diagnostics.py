@@ -134,3 +134,15 @@ def test_select_bases_skips_duplicates_and_says_when_fewer_exist():
     # all bases identical (constant maps): one basis
     sel = diag.select_bases(np.full((12, 12, K), 1.0 / K), 3)
     assert len(sel.indices) == 1 and sel.short
+
+
+def test_distinct_attention_counts_identical_maps_and_matches_numpy_correlation():
+    rng = np.random.default_rng(4)
+    maps = rng.random((2, 40, 5))
+    maps[..., 3] = 2.0 * maps[..., 0] + 0.1  # perfectly correlated with map 0
+    maps[..., 4] = 0.25  # constant
+    corr = np.asarray(diag.map_correlation(maps))
+    reference = np.corrcoef(maps.reshape(-1, 5)[:, :4].T)
+    np.testing.assert_allclose(corr[:4, :4], reference, atol=1e-5)
+    assert corr[4, 4] == 1.0 and np.all(corr[4, :4] == 0.0)
+    assert list(diag.distinct_attention(maps)) == [0, 1, 2, 0, 3]
