@@ -93,14 +93,14 @@ def norm_stats(mu: np.ndarray) -> tuple[float, float]:
 
 
 def attention_stats(gamma, weights=None) -> dict:
-    """Sums over pixels that the effective numbers need; jit-friendly, add them over batches.
+    """Sums over pixels that the attention diagnostics need; jit-friendly, add them over batches.
 
     Args:
       gamma: [..., N, K] responsibilities.
       weights: optional [..., N], 1 for pixels to count, 0 for padding.
     Returns:
-      {"mass": [K] sum over pixels of gamma_nk, "entropy": sum over pixels of H(gamma_n)
-       (nats), "pixels": the number of pixels counted}; computed in at least float32.
+      {"mass": [K] sum_n w_n gamma_nk, "cross": [K, K] sum_n w_n gamma_nk gamma_nl,
+       "entropy": sum_n w_n H(gamma_n) (nats), "pixels": sum_n w_n}, in at least float32.
     """
     dtype = jnp.promote_types(jnp.result_type(gamma), jnp.float32)
     gamma = jnp.asarray(gamma).astype(dtype)
@@ -108,8 +108,10 @@ def attention_stats(gamma, weights=None) -> dict:
     weights = (jnp.ones(gamma.shape[:-1], dtype) if weights is None
                else jnp.broadcast_to(jnp.asarray(weights, dtype), gamma.shape[:-1]))
     plogp = jnp.where(gamma > 0, gamma * jnp.log(jnp.where(gamma > 0, gamma, 1.0)), 0.0)
+    flat, w = gamma.reshape(-1, k), weights.reshape(-1)
     return {
-        "mass": jnp.sum((gamma * weights[..., None]).reshape(-1, k), axis=0),
+        "mass": w @ flat,
+        "cross": (flat * w[:, None]).T @ flat,
         "entropy": -jnp.sum(jnp.sum(plogp, axis=-1) * weights),
         "pixels": jnp.sum(weights),
     }
@@ -146,7 +148,8 @@ def summarize(mu: np.ndarray | None = None, stats: Mapping[str, np.ndarray] | No
     Returns:
       From mu: "distinct_bases" (count of cosine clusters), "largest_cluster" (bases in the
       biggest one), "norm_mean", "norm_std". From stats: "effective_in_use",
-      "effective_distinguishing".
+      "effective_distinguishing", "distinct_attention" (count of clusters of attention maps
+      correlating above `CORRELATION_THRESHOLD`).
     """
     out: dict[str, float] = {}
     if mu is not None:
@@ -157,6 +160,8 @@ def summarize(mu: np.ndarray | None = None, stats: Mapping[str, np.ndarray] | No
     if stats is not None:
         out["effective_in_use"] = effective_bases_in_use(np.asarray(stats["mass"]))
         out["effective_distinguishing"] = effective_bases_distinguishing(stats)
+        labels = cluster_labels(correlation(stats), CORRELATION_THRESHOLD)
+        out["distinct_attention"] = float(labels.max() + 1)
     return out
 
 
@@ -178,22 +183,35 @@ class Selection:
         return len(self.indices) < self.requested
 
 
-def map_correlation(gamma):
-    """Pearson correlation [K, K] of the bases' attention maps; jit-friendly.
+# A map whose variance over pixels is below this fraction of its mean square is "constant".
+CONSTANT_MAP = 1e-6
 
-    gamma: [..., N, K]; every leading axis is part of the map (a batch gives one long map).
-    A constant map (no variance: e.g. every pixel attends 1/K to every basis) correlates 1 with
-    another constant map and 0 with any other.
+
+def correlation(stats: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Pearson correlation [K, K] of the bases' attention maps over all pixels counted, from
+    `attention_stats` sums (computed in float64 on the host).
+
+    A constant map (variance below CONSTANT_MAP of its mean square: e.g. every pixel attends
+    1/K to every basis) correlates 1 with another constant map and 0 with any other.
     """
-    dtype = jnp.promote_types(jnp.result_type(gamma), jnp.float32)
-    maps = jnp.asarray(gamma).astype(dtype)
-    maps = maps.reshape(-1, maps.shape[-1]).T  # [K, P]
-    centred = maps - maps.mean(axis=1, keepdims=True)
-    norms = jnp.linalg.norm(centred, axis=1)
-    constant = norms <= 1e-6 * jnp.maximum(1.0, jnp.linalg.norm(maps, axis=1))
-    unit = centred / jnp.where(constant, 1.0, norms)[:, None]
-    corr = unit @ unit.T
-    return jnp.where(constant[:, None] & constant[None, :], 1.0, corr)
+    n = float(stats["pixels"])
+    mean = np.asarray(stats["mass"], np.float64) / n
+    second = np.asarray(stats["cross"], np.float64) / n
+    cov = second - np.outer(mean, mean)
+    var = np.diag(cov).copy()
+    constant = var <= CONSTANT_MAP * np.maximum(np.diag(second), 1e-300)
+    std = np.sqrt(np.where(constant, 1.0, var))
+    corr = np.clip(cov / np.outer(std, std), -1.0, 1.0)
+    corr[constant, :] = 0.0
+    corr[:, constant] = 0.0
+    corr[np.ix_(constant, constant)] = 1.0
+    return corr
+
+
+def map_correlation(gamma, weights=None) -> np.ndarray:
+    """[K, K] Pearson correlation of the attention maps of gamma [..., N, K] (every leading axis
+    is part of the map), see `correlation`."""
+    return correlation(attention_stats(gamma, weights))
 
 
 def distinct_attention(gamma, threshold: float = CORRELATION_THRESHOLD) -> np.ndarray:
@@ -201,7 +219,7 @@ def distinct_attention(gamma, threshold: float = CORRELATION_THRESHOLD) -> np.nd
 
     gamma: [..., N, K]. `labels.max() + 1` is the number of distinct attention maps.
     """
-    return cluster_labels(np.asarray(map_correlation(gamma)), threshold)
+    return cluster_labels(map_correlation(gamma), threshold)
 
 
 def select_bases(gamma: np.ndarray, count: int, *,
@@ -219,7 +237,7 @@ def select_bases(gamma: np.ndarray, count: int, *,
     g = np.asarray(gamma, np.float64)
     mass = g.reshape(-1, g.shape[-1]).sum(axis=0)
     share = mass / max(mass.sum(), 1e-300)
-    corr = np.asarray(map_correlation(g))
+    corr = map_correlation(g)
     taken: list[int] = []
     for k in np.argsort(-mass, kind="stable"):
         if share[k] < min_mass_share:

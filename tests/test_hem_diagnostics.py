@@ -146,3 +146,9 @@ def test_distinct_attention_counts_identical_maps_and_matches_numpy_correlation(
     np.testing.assert_allclose(corr[:4, :4], reference, atol=1e-5)
     assert corr[4, 4] == 1.0 and np.all(corr[4, :4] == 0.0)
     assert list(diag.distinct_attention(maps)) == [0, 1, 2, 0, 3]
+    # sums over batches give the correlation over all their pixels; padding (weight 0) is ignored
+    padded = np.concatenate([maps, rng.random((2, 7, 5))], axis=1)
+    weights = np.concatenate([np.ones((2, 40)), np.zeros((2, 7))], axis=1)
+    parts = [diag.attention_stats(padded[i], weights[i]) for i in range(2)]
+    summed = {key: parts[0][key] + parts[1][key] for key in parts[0]}
+    np.testing.assert_allclose(diag.correlation(summed), corr, atol=1e-5)
