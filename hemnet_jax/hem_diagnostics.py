@@ -146,14 +146,15 @@ def summarize(mu: np.ndarray | None = None, stats: Mapping[str, np.ndarray] | No
       mu: bases [K, C] (e.g. the moving-averaged mu0).
       stats: `attention_stats`' output (summed over the batches seen).
     Returns:
-      From mu: "distinct_bases" (count of cosine clusters), "largest_cluster" (bases in the
-      biggest one), "norm_mean", "norm_std". From stats: "effective_in_use",
+      From mu: "num_bases" (K), "distinct_bases" (count of cosine clusters), "largest_cluster"
+      (bases in the biggest one), "norm_mean", "norm_std". From stats: "effective_in_use",
       "effective_distinguishing", "distinct_attention" (count of clusters of attention maps
       correlating above `CORRELATION_THRESHOLD`).
     """
     out: dict[str, float] = {}
     if mu is not None:
         labels = distinct_bases(np.asarray(mu), threshold)
+        out["num_bases"] = float(len(labels))
         out["distinct_bases"] = float(labels.max() + 1)
         out["largest_cluster"] = float(np.bincount(labels).max())
         out["norm_mean"], out["norm_std"] = norm_stats(mu)
