@@ -359,3 +359,17 @@ def test_result_file_names_encode_every_setting_that_changes_the_numbers():
     assert names[0] == "step3000_ss_T3.json"
     assert names[3] == "step3000_ms0.75-1-1.25_flip_T3.json"
     assert names[6] == "step3000_ss_T1-2.json"
+
+
+def test_visualize_cli_on_the_training_checkpoint(trained, tmp_path):
+    """`python -m hemnet_jax.evaluation.visualize` restores the checkpoint and writes the Fig. 4
+    grid (its choice of bases and its layout: tests/test_predict.py)."""
+    rgb = np.random.default_rng(1).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "scene.png")
+    out = tmp_path / "fig4.png"
+    result = _run("-m", "hemnet_jax.evaluation.visualize", "--config", "tests/tiny.py",
+                  "--workdir", trained, "--image", str(tmp_path / "scene.png"),
+                  "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(out).format == "PNG" and f"Wrote {out}" in result.stdout
+    assert "Traceback" not in result.stderr
