@@ -59,9 +59,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return metrics
 
     def probe_and_summary():
-        variables = holder["state"].variables
-        stats = diagnostics.add_stats(None, probe(variables, batch["image"]))
-        return diagnostics.scalars(diagnostics.initial_bases(variables), stats)
+        sums = diagnostics.add_stats(None, probe(holder["state"].variables, batch["image"]))
+        return diagnostics.scalars(sums)
 
     t_step = common.time_call(train_step, common.jax_sync, warmup=2, min_reps=10)
     t_probe = common.time_call(probe_and_summary, lambda x: x, warmup=2, min_reps=10)

@@ -204,9 +204,8 @@ class _Loop:
 
     def _write_diagnostics(self, step: int, state: TrainState, batch: dict) -> None:
         """The bases/* scalars: mu0 after the step, attention on the step's batch."""
-        stats = diagnostics.add_stats(None, self.diagnostics(state.variables, batch["image"]))
-        values = diagnostics.scalars(diagnostics.initial_bases(state.variables), stats)
-        self.writer.write_scalars(step, values)
+        sums = diagnostics.add_stats(None, self.diagnostics(state.variables, batch["image"]))
+        self.writer.write_scalars(step, diagnostics.scalars(sums))
 
     def _validate(self, step: int, state: TrainState) -> None:
         info = self.info

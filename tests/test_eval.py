@@ -207,6 +207,7 @@ def test_basis_diagnostics_probe_counts_real_pixels_only(tiny_model):
     real = np.concatenate([gamma[0].reshape(-1, gamma.shape[-1]),
                            gamma[1, :3, :2].reshape(-1, gamma.shape[-1])])
     assert stats["pixels"] == 16 + 6
+    np.testing.assert_array_equal(stats["mu0"], variables["bases"]["hem"]["mu"])
     np.testing.assert_allclose(stats["mass"], real.sum(0), rtol=1e-5)
     np.testing.assert_allclose(stats["cross"], real.T @ real, rtol=1e-5)
     np.testing.assert_allclose(stats["entropy"], -(real * np.log(real)).sum(), rtol=1e-5)

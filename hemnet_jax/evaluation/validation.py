@@ -85,7 +85,7 @@ def basis_diagnostics(
         batch = sharding.global_batch(local, mesh)
         total = diagnostics.add_stats(
             total, probe(variables, batch["image"], batch["height"], batch["width"]))
-    return diagnostics.scalars(diagnostics.initial_bases(variables), total)
+    return diagnostics.scalars(total)
 
 
 @functools.lru_cache(maxsize=8)

@@ -26,16 +26,13 @@ PREFIX = "bases/"  # of the scalars' names in TensorBoard and JSON
 Probe = Callable[..., dict[str, jax.Array]]
 
 
-def initial_bases(variables: Mapping) -> np.ndarray:
-    """mu0 [K, C] of the HEM unit, from the `bases` collection of `variables`."""
-    return np.asarray(jax.device_get(variables["bases"][HEM_SCOPE]["mu"]))
-
-
 def make_probe(model: nn.Module, mesh: Mesh, *, train: bool,
                num_iters: int | None = None) -> Probe:
     """A jitted forward pass returning `hem_diagnostics.attention_stats` of the last HEM
-    iteration's gamma [B, h, w, K]. Given the examples' real `heights` and `widths` [B] on a
-    padded canvas (evaluation batches), feature cells on padding are not counted.
+    iteration's gamma [B, h, w, K], and the bases mu0 [K, C] as "mu0" (replicated, so every
+    process can read them whatever the state's sharding). Given the examples' real `heights`
+    and `widths` [B] on a padded canvas (evaluation batches), feature cells on padding are not
+    counted.
 
     train=True runs the network as a training step does (batch statistics; dropout, which
     comes after the unit, with a fixed key) and discards the updated state.
@@ -52,7 +49,8 @@ def make_probe(model: nn.Module, mesh: Mesh, *, train: bool,
         weights = None
         if heights is not None:
             weights = feature_weights(heights, widths, images.shape[1:3], gamma.shape[1:3])
-        return diag.attention_stats(gamma, weights)
+        return {**diag.attention_stats(gamma, weights),
+                "mu0": variables["bases"][HEM_SCOPE]["mu"]}
 
     return jax.jit(probe, out_shardings=sharding.replicated(mesh))
 
@@ -70,15 +68,19 @@ def feature_weights(heights: jax.Array, widths: jax.Array, canvas: tuple[int, in
     return inside.astype(jnp.float32)
 
 
-def add_stats(total: dict | None, stats: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
-    """total + stats, on the host in float64 (total None: stats)."""
-    stats = {k: np.asarray(v, np.float64) for k, v in jax.device_get(dict(stats)).items()}
-    return stats if total is None else {k: total[k] + stats[k] for k in total}
+def add_stats(total: dict | None, sums: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
+    """total + a probe's output, on the host in float64 (total None: the output); "mu0" is
+    the latest, not summed."""
+    sums = {k: np.asarray(v, np.float64) for k, v in jax.device_get(dict(sums)).items()}
+    if total is None:
+        return sums
+    return {k: sums[k] if k == "mu0" else total[k] + sums[k] for k in total}
 
 
-def scalars(mu0: np.ndarray, stats: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
-    """`hem_diagnostics.summarize(mu0, stats)` with names "bases/distinct_bases", ..."""
-    return {PREFIX + k: v for k, v in diag.summarize(mu0, stats).items()}
+def scalars(sums: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """`hem_diagnostics.summarize` of `add_stats`' output (mu0 and the attention sums), with
+    names "bases/distinct_bases", ..."""
+    return {PREFIX + k: v for k, v in diag.summarize(sums["mu0"], sums).items()}
 
 
 def describe(values: Mapping[str, float]) -> str:
