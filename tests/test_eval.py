@@ -231,7 +231,8 @@ def test_eval_py_reads_a_training_checkpoint(trained, tiny_data_dir):
     """And writes its JSON to --output_dir, nothing into the run (issue 15, Found 4)."""
     before = sorted(os.walk(os.path.join(trained, "checkpoints")))
     result = _run("eval.py", "--config", "tests/tiny.py", "--workdir", trained,
-                  f"--config.data.data_dir={tiny_data_dir}", f"--output_dir={_output_dir(trained)}")
+                  f"--config.data.data_dir={tiny_data_dir}", f"--output_dir={_output_dir(trained)}",
+                  "--config.eval.basis_diagnostics=True")
     assert result.returncode == 0, result.stderr[-3000:]
     assert not os.path.exists(os.path.join(trained, "eval"))
     assert sorted(os.walk(os.path.join(trained, "checkpoints"))) == before
@@ -275,6 +276,7 @@ def test_sweep_restores_once_and_matches_single_scale(trained, tiny_data_dir, ca
     config.eval.update(num_iters_sweep="1,2", multi_scale=True, scales=(1.0,), flip=False)
     report = runner.evaluate(config, workdir=trained)
     assert [r["num_iters"] for r in report["results"]] == [1, 2]
+    assert all("diagnostics" not in r for r in report["results"])  # eval.basis_diagnostics off
     assert report["json"].endswith(f"step{TRAIN_STEPS}_ms1_T1-2.json")
     assert os.path.exists(report["json"])
     out = capsys.readouterr().out
