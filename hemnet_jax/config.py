@@ -90,6 +90,7 @@ def train_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     t.profile = False  # a trace of a few steps into the workdir (TensorBoard's profile tab)
     t.grad_flow_every = 0  # per-HEM-layer gradient magnitudes every N steps (0: off)
+    t.basis_diagnostics = True  # bases/* scalars every log_every (docs/diagnostics.md)
     t.state_sharding = "replicated"  # params/optimiser state on the mesh (training/sharding.py)
     return t
 
@@ -104,6 +105,7 @@ def eval_config() -> ml_collections.ConfigDict:
     e.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     e.flip = True  # with multi_scale
     e.max_batches = 0  # evaluate only this many batches (0: the whole split)
+    e.basis_diagnostics = True  # bases/* diagnostics over the split (one more forward pass)
     return e
 
 

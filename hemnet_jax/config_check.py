@@ -176,6 +176,7 @@ RULES: dict[str, Rule] = {
     "train.keep_checkpoints": integer(1),
     "train.profile": boolean(),
     "train.grad_flow_every": integer(0),
+    "train.basis_diagnostics": boolean(),
     "train.state_sharding": choice("replicated"),
     # Evaluation.
     "eval.batch_size": integer(1),
@@ -185,6 +186,7 @@ RULES: dict[str, Rule] = {
     "eval.scales": sequence_of(number(0, low_open=True)),
     "eval.flip": boolean(),
     "eval.max_batches": integer(0),
+    "eval.basis_diagnostics": boolean(),
     # The gradient-flow study.
     "study.num_images": integer(1),
     "study.batch_size": integer(1),

@@ -26,7 +26,7 @@ from hemnet_jax.errors import UserError
 from hemnet_jax.evaluation import metrics, validation
 from hemnet_jax.models import create_model
 from hemnet_jax.studies import layer_gradients
-from hemnet_jax.training import checkpointing, sharding
+from hemnet_jax.training import checkpointing, diagnostics, sharding
 from hemnet_jax.training.input_pipeline import prepare_data, train_batches
 from hemnet_jax.training.preemption import PreemptionWatcher
 from hemnet_jax.training.state import TrainState, abstract_state, init_state, optimizer_for
@@ -122,6 +122,8 @@ def train_and_evaluate(
     loop = _Loop(config, mesh, model, info, writer, ckpt, meta, latest)
     if config.train.grad_flow_every:
         loop.grad_flow = _grad_flow_probe(config, model, mesh)
+    if config.train.basis_diagnostics:
+        loop.diagnostics = diagnostics.make_probe(model, mesh, train=True)
     try:
         state = loop.run(state, train_step, batches, key, hooks, stop_after)
     finally:
@@ -148,6 +150,7 @@ class _Loop:
         self.writer, self.ckpt, self.meta = writer, ckpt, meta
         self.last_saved = last_saved
         self.grad_flow: tuple[Callable, dict] | None = None  # (jitted probe, fixed batch)
+        self.diagnostics: diagnostics.Probe | None = None  # the bases/* scalars at log steps
 
     def run(self, state, train_step, batches, key, hooks, stop_after) -> TrainState:
         t = self.config.train
@@ -157,9 +160,8 @@ class _Loop:
         window_start, finite = step, jnp.array(True)
         with PreemptionWatcher() as preemption:
             while step < last_stop:
-                state, step_metrics = train_step(
-                    state, sharding.global_batch(next(batches), self.mesh), key
-                )
+                batch = sharding.global_batch(next(batches), self.mesh)
+                state, step_metrics = train_step(state, batch, key)
                 step += 1
                 # Dispatched, not waited for: the host syncs only where it logs or saves.
                 finite &= jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(
@@ -175,6 +177,8 @@ class _Loop:
                     _check_finite(finite, window_start, step, self.last_saved)
                     self._write_window(step, window)
                     window, window_start = [], step
+                    if self.diagnostics:
+                        self._write_diagnostics(step, state, batch)
                 if save:
                     self.ckpt.save(step, state, self.meta, force=final)
                     self.last_saved = step
@@ -197,6 +201,11 @@ class _Loop:
             summary = jax.device_get(window)
             means = {k: float(np.mean([m[k] for m in summary])) for k in summary[0]}
             self.writer.write_scalars(step, means)
+
+    def _write_diagnostics(self, step: int, state: TrainState, batch: dict) -> None:
+        """The bases/* scalars: mu0 after the step, attention on the step's batch."""
+        sums = diagnostics.add_stats(None, self.diagnostics(state.variables, batch["image"]))
+        self.writer.write_scalars(step, diagnostics.scalars(sums))
 
     def _validate(self, step: int, state: TrainState) -> None:
         info = self.info

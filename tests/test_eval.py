@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hemnet_jax import trainer
+from hemnet_jax import hem_diagnostics, trainer
 from hemnet_jax.evaluation import predictors, runner
 from hemnet_jax.models import create_model
 from hemnet_jax.models.resize import interpolation_matrix
-from hemnet_jax.training import checkpointing, sharding
+from hemnet_jax.training import checkpointing, diagnostics, sharding
 from hemnet_jax.training.state import CheckpointNotFoundError, locate_checkpoint, restore_for_eval
 from tests.tiny import tiny_config
 
@@ -194,6 +194,25 @@ def test_multi_scale_flip_runs_on_the_tiny_model(tiny_model):
     assert not np.allclose(probs[0], np.asarray(ss)[0], atol=1e-4)  # the views did something
 
 
+def test_basis_diagnostics_probe_counts_real_pixels_only(tiny_model):
+    """The eval probe's attention sums cover the feature cells whose centres lie in each image's
+    real region: at output stride 8 on the 32 x 32 canvas, centres 4, 12, 20, 28; image 1 is
+    24 x 20, so rows 0-2 and columns 0-1."""
+    model, variables, batch = tiny_model
+    probe = diagnostics.make_probe(model, sharding.create_mesh(jax.devices()[:1]), train=False)
+    stats = diagnostics.add_stats(None, probe(variables, batch["image"], batch["height"],
+                                              batch["width"]))
+    _, state = model.apply(variables, batch["image"], train=False, mutable=["intermediates"])
+    gamma = np.asarray(state["intermediates"]["hem"]["gamma"][0][-1], np.float64)  # [2,4,4,K]
+    real = np.concatenate([gamma[0].reshape(-1, gamma.shape[-1]),
+                           gamma[1, :3, :2].reshape(-1, gamma.shape[-1])])
+    assert stats["pixels"] == 16 + 6
+    np.testing.assert_array_equal(stats["mu0"], variables["bases"]["hem"]["mu"])
+    np.testing.assert_allclose(stats["mass"], real.sum(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["cross"], real.T @ real, rtol=1e-5)
+    np.testing.assert_allclose(stats["entropy"], -(real * np.log(real)).sum(), rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # eval.py on a checkpoint written by the training loop.
 
@@ -212,10 +231,12 @@ def test_eval_py_reads_a_training_checkpoint(trained, tiny_data_dir):
     """And writes its JSON to --output_dir, nothing into the run (issue 15, Found 4)."""
     before = sorted(os.walk(os.path.join(trained, "checkpoints")))
     result = _run("eval.py", "--config", "tests/tiny.py", "--workdir", trained,
-                  f"--config.data.data_dir={tiny_data_dir}", f"--output_dir={_output_dir(trained)}")
+                  f"--config.data.data_dir={tiny_data_dir}", f"--output_dir={_output_dir(trained)}",
+                  "--config.eval.basis_diagnostics=True")
     assert result.returncode == 0, result.stderr[-3000:]
     assert not os.path.exists(os.path.join(trained, "eval"))
     assert sorted(os.walk(os.path.join(trained, "checkpoints"))) == before
+    result_stdout = result.stdout
     title = f"checkpoints/{TRAIN_STEPS} (step {TRAIN_STEPS}), single scale, T_eval=2"
     assert title in result.stdout
     for name in ("background", "striped_disc", "hatched_ring", "mIoU", "pixel acc."):
@@ -232,6 +253,15 @@ def test_eval_py_reads_a_training_checkpoint(trained, tiny_data_dir):
     assert result["miou"] == pytest.approx(np.mean(tp[union > 0] / union[union > 0]))
     assert set(result["per_class_iou"]) == {"background", "striped_disc", "checkered_square",
                                             "dotted_triangle", "solid_cross", "hatched_ring"}
+    # Basis diagnostics beside the mIoU: mu0's are the checkpoint's bases'.
+    values = result["diagnostics"]
+    restored = restore_for_eval(_config(tiny_data_dir), workdir=trained)
+    mu0 = np.asarray(restored.variables["bases"]["hem"]["mu"])
+    assert values["bases/distinct_bases"] == hem_diagnostics.distinct_bases(mu0).max() + 1
+    assert values["bases/norm_mean"] == pytest.approx(np.linalg.norm(mu0, axis=-1).mean())
+    assert 1 <= values["bases/effective_distinguishing"] <= values["bases/num_bases"] == 8
+    line = f"T_eval=2: {diagnostics.describe(values)}"
+    assert line in result_stdout and "distinct of 8" in line and "distinguishing" in line
 
 
 def test_sweep_restores_once_and_matches_single_scale(trained, tiny_data_dir, capsys):
@@ -246,6 +276,7 @@ def test_sweep_restores_once_and_matches_single_scale(trained, tiny_data_dir, ca
     config.eval.update(num_iters_sweep="1,2", multi_scale=True, scales=(1.0,), flip=False)
     report = runner.evaluate(config, workdir=trained)
     assert [r["num_iters"] for r in report["results"]] == [1, 2]
+    assert all("diagnostics" not in r for r in report["results"])  # eval.basis_diagnostics off
     assert report["json"].endswith(f"step{TRAIN_STEPS}_ms1_T1-2.json")
     assert os.path.exists(report["json"])
     out = capsys.readouterr().out
@@ -331,3 +362,17 @@ def test_result_file_names_encode_every_setting_that_changes_the_numbers():
     assert names[0] == "step3000_ss_T3.json"
     assert names[3] == "step3000_ms0.75-1-1.25_flip_T3.json"
     assert names[6] == "step3000_ss_T1-2.json"
+
+
+def test_visualize_cli_on_the_training_checkpoint(trained, tmp_path):
+    """`python -m hemnet_jax.evaluation.visualize` restores the checkpoint and writes the Fig. 4
+    grid (its choice of bases and its layout: tests/test_predict.py)."""
+    rgb = np.random.default_rng(1).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "scene.png")
+    out = tmp_path / "fig4.png"
+    result = _run("-m", "hemnet_jax.evaluation.visualize", "--config", "tests/tiny.py",
+                  "--workdir", trained, "--image", str(tmp_path / "scene.png"),
+                  "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(out).format == "PNG" and f"Wrote {out}" in result.stdout
+    assert "Traceback" not in result.stderr

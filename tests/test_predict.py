@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hemnet_jax import config as cfg
 from hemnet_jax.data import palette
 from hemnet_jax.evaluation import predict, visualize
 from hemnet_jax.models import create_model
@@ -107,8 +108,12 @@ def test_attention_grid_from_the_intermediates(segmenter, tmp_path):
                            mutable=["intermediates"])
     np.testing.assert_allclose(pictures["x_tilde"][-1],
                                state["intermediates"]["hem"]["x_tilde"][0][0], atol=1e-5)
-    bases = visualize.default_bases(pictures["gamma"])
-    assert len(bases) == 3 and pictures["gamma"][-1].sum((0, 1)).argmax() == bases[0]
+    selection = visualize.default_bases(pictures["gamma"])
+    bases = selection.indices
+    assert 1 <= len(bases) <= 3 and pictures["gamma"][-1].sum((0, 1)).argmax() == bases[0]
+    if len(bases) > 1:  # the chosen maps are not duplicates of each other
+        corr = np.corrcoef(pictures["gamma"][-1].reshape(-1, k).T[bases])
+        assert np.all(corr[~np.eye(len(bases), dtype=bool)] <= 0.95)
     path = tmp_path / "fig4.png"
     label = np.zeros((24, 40), np.uint8)
     visualize.save_attention_grid(path, rgb, pictures, bases=bases, channels=[0, 5], label=label)
@@ -116,3 +121,56 @@ def test_attention_grid_from_the_intermediates(segmenter, tmp_path):
     assert grid.format == "PNG" and grid.size[0] > 400 and grid.size[1] > 300
     with pytest.raises(visualize.IndexSelectionError, match=f"indices 0..{k - 1}"):
         visualize.attention_grid(rgb, pictures, bases=[k], channels=[0])
+
+
+def _planted_pictures(num_iters=2, k=6, c=4):
+    """Attention where bases 0-3 share one map (the demo's collapse) and 4, 5 differ."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:6, :8]
+    logits = np.zeros((num_iters, 6, 8, k))
+    logits[..., :4] = 4.0 * (xx < 4)[..., None]
+    logits[..., 4], logits[..., 5] = 4.0 * (yy < 2), 4.0 * (yy >= 4)
+    gamma = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    return {"prediction": rng.integers(0, 6, (48, 64)), "gamma": gamma,
+            "x": rng.normal(size=(6, 8, c)), "x_tilde": rng.normal(size=(num_iters, 6, 8, c))}
+
+
+def test_attention_grid_shows_distinct_bases_with_colour_bars_and_a_title():
+    pictures = _planted_pictures()
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    selection = visualize.default_bases(pictures["gamma"], 4)
+    # one of the four copies and the two others, most mass first; fewer than asked
+    mass = pictures["gamma"][-1].sum((0, 1))
+    assert len(set(selection.indices) & {0, 1, 2, 3}) == 1 and {4, 5} < set(selection.indices)
+    assert list(selection.indices) == sorted(selection.indices, key=lambda b: -mass[b])
+    assert selection.short and selection.available == 3
+    fig = visualize.attention_grid(rgb, pictures, bases=selection.indices, channels=[1, 2],
+                                   title="scene.png: HEMNet (eta 0.5), T=2, bases 0, 4, 5")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "label" not in titles and "image" in titles and "prediction" in titles
+    assert fig.get_suptitle() == "scene.png: HEMNet (eta 0.5), T=2, bases 0, 4, 5"
+    # colour bars: one per X channel of the top row, one per row of gamma and of X_tilde maps
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 2 + 3 + 2
+    ranges = {tuple(t.get_text() for t in bar.get_yticklabels()) for bar in bars}
+    top = pictures["gamma"][..., 4].max()
+    assert ("0", f"{top:.3g}") in ranges
+    low, high = pictures["x_tilde"][..., 2].min(), pictures["x_tilde"][..., 2].max()
+    assert (f"{low:.3g}", f"{high:.3g}") in ranges
+    with_label = visualize.attention_grid(rgb, pictures, bases=[0], channels=[1],
+                                          label=np.zeros((48, 64), np.uint8))
+    assert "label" in [ax.get_title() for ax in with_label.axes]
+    from matplotlib import pyplot as plt
+
+    plt.close(fig)
+    plt.close(with_label)
+
+
+def test_describe_variant():
+    config = tiny_config()
+    assert visualize.describe_variant(config.model) == "HEMNet (eta 0.5, dot kernel, K 8)"
+    cfg.emanet(config.model)
+    assert visualize.describe_variant(config.model) == "EMANet (eta 1, dot kernel, K 8)"
+    config.model.stop_em_gradient = False
+    assert visualize.describe_variant(config.model) == (
+        "HEMNet (eta 1, dot kernel, K 8, L2-normalised bases)")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hemnet_jax import trainer
+from hemnet_jax import hem_diagnostics, trainer
 from hemnet_jax.cli import load_config_file
 from hemnet_jax.data import pipeline
 from hemnet_jax.models import create_model
@@ -104,7 +104,7 @@ def test_synthetic_config_lowers_the_loss(tiny_data_dir, tmp_path):
         num_steps=60, log_every=10, eval_every=0, checkpoint_every=1000, grad_flow_every=30
     )
     config.eval.max_batches = 1
-    trainer.train_and_evaluate(config, str(tmp_path))
+    state = trainer.train_and_evaluate(config, str(tmp_path))
     loss = read_scalars(str(tmp_path), "loss")
     assert sorted(loss) == [10, 20, 30, 40, 50, 60]
     assert loss[60] < 0.8 * loss[10], loss
@@ -114,6 +114,19 @@ def test_synthetic_config_lowers_the_loss(tiny_data_dir, tmp_path):
     # Per-HEM-layer input gradients on the fixed batch (T = 3 layers), every 30 steps.
     n_step = [read_scalars(str(tmp_path), f"grad_flow/n_step_t{t}") for t in (1, 2, 3)]
     assert all(sorted(v) == [30, 60] and v[60] > 0 for v in n_step), n_step
+    # Basis diagnostics at every log step; those of mu0 are the final state's bases'.
+    logged = {tag: read_scalars(str(tmp_path), f"bases/{tag}") for tag in (
+        "distinct_bases", "largest_cluster", "norm_mean", "norm_std", "effective_in_use",
+        "effective_distinguishing", "distinct_attention")}
+    assert all(sorted(v) == [10, 20, 30, 40, 50, 60] for v in logged.values()), logged
+    mu0 = np.asarray(state.bases["hem"]["mu"])
+    norms = np.linalg.norm(mu0, axis=-1)
+    assert logged["norm_mean"][60] == pytest.approx(norms.mean(), rel=1e-5)
+    assert logged["norm_std"][60] == pytest.approx(norms.std(), rel=1e-4)
+    assert logged["distinct_bases"][60] == hem_diagnostics.distinct_bases(mu0).max() + 1
+    k = config.model.num_bases
+    for tag in ("effective_in_use", "effective_distinguishing", "distinct_attention"):
+        assert 1.0 <= logged[tag][60] <= k, (tag, logged[tag])
 
 
 def test_unknown_config_key_is_named(tmp_path):

@@ -25,7 +25,9 @@ def tiny_config(dataset: str = "synthetic_scenes/tiny"):
     t.log_every = 2
     t.eval_every = 0
     t.checkpoint_every = 3
+    t.basis_diagnostics = False  # one compile less per run; tests/test_train.py checks them
     config.eval.batch_size = 8
+    config.eval.basis_diagnostics = False  # one pass less per evaluation; test_eval checks them
     return config
 
 

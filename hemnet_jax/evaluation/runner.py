@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from hemnet_jax.evaluation import metrics, predictors, validation
-from hemnet_jax.training import sharding, state
+from hemnet_jax.training import diagnostics, sharding, state
 from hemnet_jax.training.input_pipeline import prepare_data
 
 
@@ -49,7 +49,8 @@ def evaluate(
     Returns:
       The JSON report: {"checkpoint", "step", "dataset", "split", "mode", "scales", "flip",
       "num_iters_train", "max_batches", "results": [one per T_eval: {"num_iters", "miou",
-      "pixel_accuracy", "per_class_iou": {class: IoU or None}, "num_pixels", "confusion"}],
+      "pixel_accuracy", "per_class_iou": {class: IoU or None}, "num_pixels", "confusion",
+      "diagnostics": {"bases/...": value} (with eval.basis_diagnostics)}],
       "json": the file written}.
     """
     mesh = sharding.create_mesh() if mesh is None else mesh
@@ -74,12 +75,17 @@ def evaluate(
         results.append(_result_json(t, result, info.class_names))
         logging.info("T_eval=%d: mIoU %.2f%%, pixel accuracy %.2f%%.", t,
                      100 * result["miou"], 100 * result["pixel_accuracy"])
+        if config.eval.basis_diagnostics:
+            results[-1]["diagnostics"] = validation.basis_diagnostics(
+                config, model, restored.variables, mesh, num_iters=t)
 
     if sweep:
         text = f"{title}: mIoU by T_eval\n" + format_sweep_table(results, t_train)
     else:
         text = (f"{title}, T_eval={iters[0]} (T_train={t_train}):\n"
                 + metrics.format_table(result, info.class_names))
+    text += "".join(f"\nT_eval={r['num_iters']}: {diagnostics.describe(r['diagnostics'])}"
+                    for r in results if "diagnostics" in r)
     report = {
         "checkpoint": restored.path, "step": restored.step, "dataset": info.name,
         "split": config.data.eval_split or info.eval_split, "mode": mode,

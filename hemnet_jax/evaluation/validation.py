@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from hemnet_jax.data import datasets, pipeline
 from hemnet_jax.evaluation import metrics, predictors
-from hemnet_jax.training import sharding
+from hemnet_jax.training import diagnostics, sharding
 from hemnet_jax.training.input_pipeline import data_dirs
 
 
@@ -65,3 +65,29 @@ def validate(
     result = metrics.segmentation_metrics(confusion)
     result["confusion"] = confusion
     return result
+
+
+def basis_diagnostics(
+    config: ml_collections.ConfigDict,
+    model,
+    variables,
+    mesh: Mesh,
+    *,
+    num_iters: int | None = None,
+) -> dict[str, float]:
+    """The basis diagnostics (`training.diagnostics.scalars`) of `variables`: the bases mu0,
+    and the attention of the last HEM iteration at `num_iters` (T_eval) over every real pixel
+    of the evaluation split (one more single-scale forward pass per batch)."""
+    probe = _probe(model, num_iters, mesh)
+    batches, _ = eval_batches(config, mesh)
+    total = None
+    for local in batches:
+        batch = sharding.global_batch(local, mesh)
+        total = diagnostics.add_stats(
+            total, probe(variables, batch["image"], batch["height"], batch["width"]))
+    return diagnostics.scalars(total)
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(model, num_iters: int | None, mesh: Mesh) -> diagnostics.Probe:
+    return diagnostics.make_probe(model, mesh, train=False, num_iters=num_iters)

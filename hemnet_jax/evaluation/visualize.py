@@ -11,9 +11,12 @@ chosen basis k / channel c: the attention map gamma[:, k] after each HEM iterati
 this is the unit's X_tilde, eq. 10). Maps are at the feature resolution (1/8 of the image at
 output stride 8); each row shares one colour scale so sharpening over t shows. All of it is
 read from the HEM unit's `intermediates` (gamma, mu, x_tilde) and its captured conv_in output.
-By default the bases with the most attention mass and the channels of X_tilde with the largest
-variance at t = T are shown. T = `eval.num_iters` (default T_train). The image is run alone at
-its own size.
+By default the bases shown are the ones with the most attention mass whose maps differ
+(`hem_diagnostics.select_bases`: a map correlating above 0.95 with one already chosen is a
+duplicate; the program says when fewer distinct bases exist than asked), and the channels of
+X_tilde with the largest variance at t = T. Every row has a colour bar with its value range; the
+title names the image, the variant (HEMNet / EMANet and eta), T and the bases shown.
+T = `eval.num_iters` (default T_train). The image is run alone at its own size.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from hemnet_jax import cli, config_check, hem
+from hemnet_jax import cli, config_check, hem, hem_diagnostics
 from hemnet_jax.data import palette
 from hemnet_jax.errors import UserError
 from hemnet_jax.evaluation.predict import ImageReadError, normalize, read_image
@@ -66,9 +69,10 @@ def hem_pictures(model, variables: dict, rgb: np.ndarray, *,
     return jax.device_get(jax.jit(run)(variables, normalize(rgb)[None]))
 
 
-def default_bases(gamma: np.ndarray, count: int = NUM_SHOWN) -> list[int]:
-    """The `count` bases with the most attention mass at the last iteration. gamma [T,h,w,K]."""
-    return [int(k) for k in np.argsort(-gamma[-1].sum((0, 1)), kind="stable")[:count]]
+def default_bases(gamma: np.ndarray, count: int = NUM_SHOWN) -> hem_diagnostics.Selection:
+    """Up to `count` well-used bases whose attention maps differ, most attention mass first
+    (`hem_diagnostics.select_bases` on the last iteration's maps). gamma: [T, h, w, K]."""
+    return hem_diagnostics.select_bases(gamma[-1], count)
 
 
 def default_channels(x_tilde: np.ndarray, count: int = NUM_SHOWN) -> list[int]:
@@ -76,15 +80,31 @@ def default_channels(x_tilde: np.ndarray, count: int = NUM_SHOWN) -> list[int]:
     return [int(c) for c in np.argsort(-x_tilde[-1].var((0, 1)), kind="stable")[:count]]
 
 
+def describe_variant(model_config) -> str:
+    """"HEMNet (eta 0.5, dot kernel, K 64)" or "EMANet (eta 1, ..., L2-normalised, no EM
+    gradient)": the HEM unit as `model_config` sets it."""
+    m = model_config
+    emanet = m.step_size == 1.0 and m.stop_em_gradient and m.l2_normalize
+    extras = [f"eta {m.step_size:g}", f"{m.kernel} kernel", f"K {m.num_bases}"]
+    if m.l2_normalize and not emanet:
+        extras.append("L2-normalised bases")
+    if m.stop_em_gradient and not emanet:
+        extras.append("no EM gradient")
+    return f"{'EMANet' if emanet else 'HEMNet'} ({', '.join(extras)})"
+
+
 def attention_grid(
     rgb: np.ndarray, pictures: dict[str, np.ndarray], *, bases: Sequence[int],
-    channels: Sequence[int], label: np.ndarray | None = None,
+    channels: Sequence[int], label: np.ndarray | None = None, title: str = "",
 ):
     """The Fig. 4 grid as a matplotlib Figure (see the module docstring for the layout).
 
+    Every map has a colour bar with its value range (one per row of iterations, which share
+    it); the label panel is there only when a label is given.
+
     Args:
       rgb: uint8 [H, W, 3]. pictures: `hem_pictures`' output. label: [H, W] class indices.
-      bases: indices into K. channels: indices into C.
+      bases: indices into K. channels: indices into C. title: the figure's title.
     Raises:
       IndexSelectionError: an index out of range.
     """
@@ -103,27 +123,41 @@ def attention_grid(
     header += [(f"X[:, {c}]", x[..., c]) for c in channels]
     rows = max(len(bases), len(channels))
     cols = max(2 * num_iters, len(header))
-    fig, axes = plt.subplots(1 + rows, cols, figsize=(1.8 * cols, 1.8 * (1 + rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(1 + rows, cols, figsize=(2.1 * cols, 1.9 * (1 + rows)),
+                             squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (title, picture) in zip(axes[0], header, strict=False):
-        ax.imshow(picture, cmap=None if picture.ndim == 3 else "viridis")
-        ax.set_title(title, fontsize=8)
+    for ax, (name, picture) in zip(axes[0], header, strict=False):
+        shown = ax.imshow(picture, cmap=None if picture.ndim == 3 else "viridis")
+        ax.set_title(name, fontsize=8)
+        if picture.ndim == 2:
+            _colour_bar(fig, shown, [ax], picture.min(), picture.max())
     for r in range(rows):
         if r < len(bases):
             maps = gamma[..., bases[r]]
-            for t in range(num_iters):
-                axes[1 + r, t].imshow(maps[t], cmap="viridis", vmin=0.0, vmax=maps.max())
-                axes[1 + r, t].set_title(f"gamma[:, {bases[r]}] t={t + 1}", fontsize=8)
+            _map_row(fig, axes[1 + r, :num_iters], maps, 0.0, float(maps.max()),
+                     f"gamma[:, {bases[r]}]")
         if r < len(channels):
             maps = x_tilde[..., channels[r]]
-            for t in range(num_iters):
-                ax = axes[1 + r, num_iters + t]
-                ax.imshow(maps[t], cmap="viridis", vmin=maps.min(), vmax=maps.max())
-                ax.set_title(f"X_tilde[:, {channels[r]}] t={t + 1}", fontsize=8)
-    fig.tight_layout()
+            _map_row(fig, axes[1 + r, num_iters:2 * num_iters], maps, float(maps.min()),
+                     float(maps.max()), f"X_tilde[:, {channels[r]}]")
+    if title:
+        fig.suptitle(title, fontsize=9)
     return fig
+
+
+def _map_row(fig, axes, maps: np.ndarray, low: float, high: float, name: str) -> None:
+    """maps [T, h, w] on `axes`, one colour scale [low, high] and one colour bar for the row."""
+    for t, ax in enumerate(axes):
+        shown = ax.imshow(maps[t], cmap="viridis", vmin=low, vmax=high)
+        ax.set_title(f"{name} t={t + 1}", fontsize=8)
+    _colour_bar(fig, shown, list(axes), low, high)
+
+
+def _colour_bar(fig, shown, axes, low: float, high: float) -> None:
+    """A colour bar beside `axes` labelled with the range's ends."""
+    bar = fig.colorbar(shown, ax=axes, fraction=0.05, pad=0.02, ticks=[low, high])
+    bar.ax.set_yticklabels([f"{low:.3g}", f"{high:.3g}"], fontsize=7)
 
 
 def save_attention_grid(path: str | os.PathLike, rgb: np.ndarray,
@@ -175,7 +209,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("image", None, "The image to show.")
     flags.DEFINE_string("label", None, "Optional: its label, a PNG of class indices (VOC style).")
     flags.DEFINE_string("output", None, "The PNG to write.")
-    flags.DEFINE_string("bases", "", "Comma-separated basis indices (default: the 3 most used).")
+    flags.DEFINE_string("bases", "", "Comma-separated basis indices (default: up to 3 most used "
+                        "with distinct attention maps).")
     flags.DEFINE_string("channels", "", "Comma-separated channel indices (default: the 3 of "
                         "X_tilde with the largest variance).")
     flags.mark_flags_as_required(["image", "output"])
@@ -200,9 +235,17 @@ def main(argv: list[str]) -> None:
     )
     pictures = hem_pictures(restored.model, restored.variables, rgb,
                             num_iters=FLAGS.config.eval.num_iters)
+    if not bases:
+        selection = default_bases(pictures["gamma"])
+        bases = selection.indices
+        if selection.short:
+            print(f"Only {len(bases)} of the {pictures['gamma'].shape[-1]} bases have distinct, "
+                  f"used attention maps on this image (asked for {selection.requested}): "
+                  f"showing {bases}.", flush=True)
+    title = (f"{os.path.basename(FLAGS.image)}: {describe_variant(FLAGS.config.model)}, "
+             f"T={pictures['gamma'].shape[0]}, bases {', '.join(map(str, bases))}")
     save_attention_grid(
-        output, rgb, pictures, label=label,
-        bases=bases or default_bases(pictures["gamma"]),
+        output, rgb, pictures, label=label, bases=bases, title=title,
         channels=channels or default_channels(pictures["x_tilde"]),
     )
     print(f"Wrote {output} (checkpoint {restored.path}).")

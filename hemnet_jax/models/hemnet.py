@@ -41,6 +41,9 @@ class Classifier(nn.Module):
         return x.astype(jnp.float32)
 
 
+HEM_SCOPE = "hem"  # HEMNet's attribute (so module name) for its HEM unit
+
+
 class HEMNet(nn.Module):
     """Semantic segmentation with a HEM unit. See the module docstring for the layout.
 

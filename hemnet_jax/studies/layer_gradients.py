@@ -25,9 +25,9 @@ import numpy as np
 
 from hemnet_jax import hem
 from hemnet_jax.models import HEMNet
+from hemnet_jax.models.hemnet import HEM_SCOPE
 from hemnet_jax.training import losses
 
-HEM_SCOPE = "hem"  # HEMNet's attribute (so module name) for its HEM unit
 SUMMARY_KEYS = ("n_step", "e_step", "total", "elbo", "predicted")
 Summary = dict[str, jax.Array]
 
