@@ -49,7 +49,8 @@ def test_plan_cells_names_arguments_and_configs(tmp_path):
     cells = dict(zip(names, plan.cells, strict=True))
     assert [c.column for c in plan.cells] == ["eta=0.2"] * 2 + ["eta=0.5"] * 2 + [
         "EMANet", "eta=0.5", "EMANet"]
-    assert cells["hem_step_size=0.5_num_iters=3_seed=1"].repeat_of == "hem_step_size=0.5_num_iters=3"
+    repeat = cells["hem_step_size=0.5_num_iters=3_seed=1"]
+    assert repeat.repeat_of == "hem_step_size=0.5_num_iters=3"
     assert cells["emanet_num_iters=1_seed=2"].repeat_of == "emanet_num_iters=1"
     assert plan.train_args(cells["emanet_num_iters=1_seed=2"]) == [
         "--config", "configs/synthetic.py:emanet", "--config.train.num_steps=7",
@@ -57,10 +58,12 @@ def test_plan_cells_names_arguments_and_configs(tmp_path):
     assert plan.workdir(cells["emanet_num_iters=1"]) == str(tmp_path / "emanet_num_iters=1")
 
     hem = plan.configs["hem_step_size=0.2_num_iters=3"]
-    assert (hem.model.step_size, hem.model.num_iters, hem.train.num_steps, hem.seed) == (0.2, 3, 7, 0)
+    m = hem.model
+    assert (m.step_size, m.num_iters, hem.train.num_steps, hem.seed) == (0.2, 3, 7, 0)
     assert not hem.model.l2_normalize and not hem.model.stop_em_gradient
     em = plan.configs["emanet_num_iters=1_seed=2"]
-    assert (em.model.step_size, em.model.temperature, em.model.num_iters, em.seed) == (1.0, 1.0, 1, 2)
+    m = em.model
+    assert (m.step_size, m.temperature, m.num_iters, em.seed) == (1.0, 1.0, 1, 2)
     assert em.model.l2_normalize and em.model.stop_em_gradient
     # The T_eval sweep always holds the cell's T_train.
     assert ablation.cell_sweep(plan, cells["hem_step_size=0.2_num_iters=3"]) == [1, 2, 3]
