@@ -4,7 +4,7 @@ Table 2 (mIoU by T_eval at each column's best T_train, the best T_eval marked), 
 spread of repeated cells, and one row per cell (mIoU, basis diagnostics, wall time).
 
 Pure functions of `CellResult`s; `write_tables` writes them as Markdown and CSV, and Table 1 as
-a heat-map PNG (matplotlib is imported inside the plotting function only).
+a heat-map PNG (`figures.plot_table1`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
+
+from hemnet_jax.studies import figures
 
 EMANET = "EMANet"
 
@@ -195,7 +197,7 @@ def write_tables(results: Sequence[CellResult], out_dir: str,
          *(r.diagnostics.get(k, "") for k in names),
          "" if r.train_s is None else f"{r.train_s:.1f}",
          "" if r.eval_s is None else f"{r.eval_s:.1f}"] for r in results])
-    plot_table1(results, paths["heatmap"])
+    figures.plot_table1(rows, cols, values, best, paths["heatmap"])
     return paths
 
 
@@ -204,38 +206,3 @@ def _write_csv(path: str, header: Sequence[str], rows) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-
-
-def plot_table1(results: Sequence[CellResult], path: str) -> None:
-    """Table 1 as a heat map: T_train down, columns across, mIoU in each square, the best
-    T_train of each column outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rows, cols, values, best = table1(results)
-    grid = np.array([[np.nan if values.get((t, c)) is None else 100 * values[(t, c)]
-                      for c in cols] for t in rows], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2, 0.6 * len(rows) + 1.6))
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_yticks(range(len(rows)), [str(t) for t in rows])
-    ax.set_xlabel("column")
-    ax.set_ylabel("T_train")
-    finite = grid[np.isfinite(grid)]
-    middle = float(finite.mean()) if finite.size else 0.0
-    for i, t in enumerate(rows):
-        for j, c in enumerate(cols):
-            if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="black" if grid[i, j] > middle else "white")
-            if best.get(c) == t:
-                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,
-                                           edgecolor="red", linewidth=2))
-    fig.colorbar(image, ax=ax, label="mIoU (%)")
-    ax.set_title("mIoU by T_train (best per column outlined)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
