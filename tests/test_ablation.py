@@ -227,7 +227,9 @@ def test_interrupted_ablation_resumes_and_tables_match_the_evaluations(tiny_data
     done = subprocess.run(_ablation_cmd(root, tiny_data_dir), capture_output=True, text=True,
                           cwd=REPO, env=_env(), timeout=600)
     output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-3000:]
+    runs = "".join(open(root / n / "train_runs.jsonl").read() for n in names
+                   if os.path.exists(root / n / "train_runs.jsonl"))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:] + runs
     assert f"{names[0]}: trained (step {STEPS}), skipped." in output
     assert _train_invocations(first) == 1  # not retrained
     assert _train_invocations(second) == 2
@@ -235,7 +237,7 @@ def test_interrupted_ablation_resumes_and_tables_match_the_evaluations(tiny_data
         os.path.join(second, "train.log")).read()
 
     # Table 1 and Table 2 hold the evaluation JSONs' numbers.
-    sweeps = {}
+    sweeps, diagnostics = {}, {}
     for name in names:
         assert ablation.trained_step(str(root / name)) == STEPS
         with open(root / name / "eval" / f"step{STEPS}_ss_sweep.json") as f:
@@ -243,6 +245,9 @@ def test_interrupted_ablation_resumes_and_tables_match_the_evaluations(tiny_data
         assert report["step"] == STEPS
         sweeps[name] = {r["num_iters"]: r["miou"] for r in report["results"]}
         assert sorted(sweeps[name]) == [1, 2]
+        t_train = report["num_iters_train"]
+        (at_t_train,) = [r for r in report["results"] if r["num_iters"] == t_train]
+        diagnostics[name] = at_t_train["diagnostics"]
     columns = {"eta=0.5": names[:2], "EMANet": names[2:]}
     with open(root / "tables" / "table1.csv") as f:
         table1 = {(r["column"], int(r["T_train"])): r for r in csv.DictReader(f)}
@@ -263,5 +268,12 @@ def test_interrupted_ablation_resumes_and_tables_match_the_evaluations(tiny_data
         assert [int(r["T_train"]) for r in rows] == [best[column]] * 2
         assert [float(r["miou"]) for r in rows] == pytest.approx(
             [100 * sweep[1], 100 * sweep[2]], abs=1e-3)
+    # Each cell's basis diagnostics (eval's, at T_eval = T_train) are in cells.csv.
+    with open(root / "tables" / "cells.csv") as f:
+        cells = {r["cell"]: r for r in csv.DictReader(f)}
+    for name in names:
+        assert diagnostics[name]  # eval.basis_diagnostics is on
+        for key, value in diagnostics[name].items():
+            assert float(cells[name][key]) == pytest.approx(value, rel=1e-9), (name, key)
     assert os.path.getsize(root / "tables" / "table1.png") > 1000
     assert "## Table 1" in open(root / "tables" / "ablation.md").read()

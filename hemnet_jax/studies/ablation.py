@@ -401,7 +401,11 @@ def run(plan: Plan, shard: tuple[int, int] = (0, 1)) -> int:
             code = train_cell(plan, cell, stop)
             if stop.requested:
                 break
-            if code != 0:
+            if code != 0 and (trained_step(plan.workdir(cell)) or 0) >= num_steps:
+                print(f"ablation: {cell.name}: train.py exited with {code} after saving its "
+                      f"final checkpoint (step {num_steps}); the cell counts as trained.",
+                      flush=True)
+            elif code != 0:
                 failed.append(cell.name)
                 print(f"ablation: {cell.name}: train.py exited with {code}; see "
                       f"{plan.workdir(cell)}/train.log. Going on with the next cell.", flush=True)
