@@ -225,7 +225,7 @@ def test_interrupted_ablation_resumes_and_tables_match_the_evaluations(tiny_data
     assert not os.path.exists(root / names[2]) and not os.path.exists(root / "tables")
 
     done = subprocess.run(_ablation_cmd(root, tiny_data_dir), capture_output=True, text=True,
-                          cwd=REPO, env=_env(), timeout=600)
+                          cwd=REPO, env=_env(), timeout=1500)
     output = done.stdout + done.stderr
     runs = "".join(open(root / n / "train_runs.jsonl").read() for n in names
                    if os.path.exists(root / n / "train_runs.jsonl"))
