@@ -214,7 +214,7 @@ def test_interrupted_ablation_resumes_and_tables_match_the_evaluations(tiny_data
                 proc.send_signal(signal.SIGTERM)
                 break
         seen.extend(proc.stdout)
-        assert proc.wait(timeout=300) == 0, "".join(seen[-30:])
+        assert proc.wait(timeout=1500) == 0, "".join(seen[-30:])
     finally:
         proc.kill()
     output = "".join(seen)
