@@ -40,7 +40,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from hemnet_jax import cli
+from hemnet_jax import cli, errors
 from hemnet_jax.evaluation import predictors, runner
 from hemnet_jax.studies import ablation_tables
 from hemnet_jax.studies.ablation_tables import EMANET, CellResult
@@ -53,7 +53,7 @@ LABELS = {"model.step_size": "eta"}  # column labels: readable names of grid key
 NUM_ITERS = "model.num_iters"
 
 
-class UserError(ValueError):
+class UserError(errors.UserError, ValueError):
     """A mistake on the command line or in DIR: the program prints one FATAL line."""
 
 
@@ -472,32 +472,22 @@ def _shared_overrides(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> None:
+    """Checks everything (UserError: one FATAL line), then trains, evaluates, writes tables."""
     cli.no_extra_arguments(argv)
     f = flags.FLAGS
     cli.quiet_library_logs()
-    try:
-        plan = make_plan(os.path.abspath(f.root), _config_spec(sys.argv),
-                         _shared_overrides(sys.argv[1:]), f.grid, f.emanet, f.repeat, f.t_eval)
-        shard = parse_shard(f.shard)
-        check_root(plan)
-        if not os.path.isfile(TRAIN_PY):
-            raise UserError(f"{TRAIN_PY} not found: run the ablation from a checkout of "
-                            "hemnet-jax (it starts train.py per cell).")
-    except UserError as e:
-        print(f"FATAL: {e}", file=sys.stderr)
-        sys.exit(2)
+    spec = cli.config_spec(sys.argv[1:])
+    if not spec:
+        raise UserError("--config FILE[:variant] is required.")
+    plan = make_plan(os.path.abspath(f.root), spec, _shared_overrides(sys.argv[1:]), f.grid,
+                     f.emanet, f.repeat, f.t_eval)
+    shard = parse_shard(f.shard)
+    check_root(plan)
+    if not os.path.isfile(TRAIN_PY):
+        raise UserError(f"{TRAIN_PY} not found: run the ablation from a checkout of "
+                        "hemnet-jax (it starts train.py per cell).")
     logging.info("Ablation: %d cells in %s.", len(plan.cells), plan.root)
     sys.exit(run(plan, shard))
-
-
-def _config_spec(argv: Sequence[str]) -> str:
-    """The --config argument as given (`--config X` or `--config=X`)."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    raise UserError("--config FILE[:variant] is required.")
 
 
 def _define_flags() -> None:
