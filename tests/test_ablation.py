@@ -276,7 +276,8 @@ def test_interrupted_ablation_resumes_and_tables_match_the_evaluations(tiny_data
     sweeps, diagnostics = {}, {}
     for name in names:
         assert ablation.trained_step(str(root / name)) == STEPS
-        with open(root / name / "eval" / f"step{STEPS}_ss_sweep.json") as f:
+        # eval.py's file name: step, single scale, the sweep, the partial split.
+        with open(root / name / "eval" / f"step{STEPS}_ss_T1-2_first1batches.json") as f:
             report = json.load(f)
         assert report["step"] == STEPS
         sweeps[name] = {r["num_iters"]: r["miou"] for r in report["results"]}

@@ -41,7 +41,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from hemnet_jax import cli, errors
-from hemnet_jax.evaluation import predictors, runner
+from hemnet_jax.evaluation import runner
 from hemnet_jax.studies import ablation_tables
 from hemnet_jax.studies.ablation_tables import EMANET, CellResult
 from hemnet_jax.training import checkpointing, state
@@ -318,8 +318,10 @@ def train_cell(plan: Plan, cell: Cell, stop: _Stop) -> int:
 
 
 def eval_json_path(plan: Plan, cell: Cell, step: int) -> str:
-    mode = predictors.mode_name(plan.configs[cell.name].eval)
-    return os.path.join(plan.workdir(cell), "eval", f"step{step}_{mode}_sweep.json")
+    """Where eval.py's code writes the cell's sweep (`runner.result_file_name`)."""
+    name = runner.result_file_name(step, plan.configs[cell.name].eval, cell_sweep(plan, cell),
+                                   sweep=True)
+    return os.path.join(plan.workdir(cell), "eval", name)
 
 
 def cell_sweep(plan: Plan, cell: Cell) -> list[int]:
