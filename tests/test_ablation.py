@@ -215,7 +215,7 @@ def _ablation_cmd(root, data_dir):
         "--emanet", "model.num_iters=1,2", "--t_eval", "1,2",
         f"--config.data.data_dir={data_dir}", f"--config.train.num_steps={STEPS}",
         "--config.train.log_every=1", "--config.train.checkpoint_every=100",
-        "--config.eval.max_batches=1",
+        "--config.eval.max_batches=1", "--config.eval.basis_diagnostics=True",
     ]
 
 
@@ -309,6 +309,7 @@ def test_interrupted_ablation_resumes_and_tables_match_the_evaluations(tiny_data
     with open(root / "tables" / "cells.csv") as f:
         cells = {r["cell"]: r for r in csv.DictReader(f)}
     for name in names:
+        assert diagnostics[name], name  # eval.basis_diagnostics is on
         for key, value in diagnostics[name].items():
             assert float(cells[name][key]) == pytest.approx(value, rel=1e-9), (name, key)
     assert os.path.getsize(root / "tables" / "table1.png") > 1000
