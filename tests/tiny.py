@@ -32,5 +32,10 @@ def tiny_config(dataset: str = "synthetic_scenes/tiny"):
 
 
 def get_config(arg: str = ""):
-    """So that this file is also a config file: `--config tests/tiny.py[:dataset]`."""
-    return tiny_config(arg or "synthetic_scenes/tiny")
+    """So that this file is also a config file: `--config tests/tiny.py[:dataset][,variant...]`
+    (variants as in configs/*.py, e.g. `tests/tiny.py:emanet`)."""
+    names = [a.strip() for a in arg.split(",") if a.strip()]
+    datasets = [a for a in names if a not in cfg.VARIANTS]
+    variants = ",".join(a for a in names if a in cfg.VARIANTS)
+    config = tiny_config(datasets[0] if datasets else "synthetic_scenes/tiny")
+    return cfg.apply_variants(config, variants, cfg.VARIANTS, "tests/tiny.py")

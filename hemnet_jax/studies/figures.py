@@ -47,3 +47,37 @@ def plot_fig3(results: Sequence[Mapping[str, Any]], path: str, title: str = "") 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_table1(rows: Sequence[int], cols: Sequence[str], values: Mapping[tuple[int, str], Any],
+                best: Mapping[str, int], path: str) -> None:
+    """The ablation's Table 1 as a heat map: T_train down, columns across, mIoU (%) in each
+    square, the best T_train of each column outlined in red (`ablation_tables.table1`'s output;
+    values are fractions or None)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.array([[np.nan if values.get((t, c)) is None else 100 * values[(t, c)]
+                      for c in cols] for t in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2, 0.6 * len(rows) + 1.6))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), [str(t) for t in rows])
+    ax.set_ylabel("T_train")
+    finite = grid[np.isfinite(grid)]
+    middle = float(finite.mean()) if finite.size else 0.0
+    for i, t in enumerate(rows):
+        for j, c in enumerate(cols):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if grid[i, j] > middle else "white")
+            if best.get(c) == t:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,
+                                           edgecolor="red", linewidth=2))
+    fig.colorbar(image, ax=ax, label="mIoU (%)")
+    ax.set_title("mIoU by T_train (best per column outlined)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
