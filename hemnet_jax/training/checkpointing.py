@@ -139,6 +139,7 @@ class Checkpointer:
         self.directory = resolve_path(directory)  # orbax needs absolute local paths
         self._read_only = read_only
         self._pending: int | None = None  # the step of a save whose outcome is not checked yet
+        self._failed = False  # a save failed: its writes may still be pending in orbax's loop
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(  # read-only: no saving, no pruning
@@ -184,6 +185,7 @@ class Checkpointer:
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001  (any failure of the save is reported the same)
+            self._failed = True
             last_good = [s for s in self._manager.all_steps() if s != step]
             raise CheckpointSaveError(
                 f"Saving the checkpoint of step {step} to {self.directory} failed: "
@@ -297,6 +299,10 @@ class Checkpointer:
         self.check_saved(block=True)
 
     def close(self) -> None:
+        if self._failed:
+            # Closing would shut orbax's event loop under the failed save's writes still in
+            # flight, each of which then prints a traceback; the process is ending anyway.
+            return
         self._manager.wait_until_finished()
         self._manager.close()
 

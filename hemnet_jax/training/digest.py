@@ -1,10 +1,10 @@
 """Content digests of a state's arrays: recorded when a checkpoint is saved, checked on restore.
 
-Per array, two 32-bit lanes over its elements b_i (their bits as unsigned integers), mod 2^32:
-h_1 = sum_i w_i b_i and h_2 = sum_i w'_i (b_i xor b_i >> 13), with odd position weights
-w_i = (0x9E3779B1 i) | 1 and w'_i = w_i xor 0x5BD1E994. A change of any one element always changes
-h_1 (an odd weight times a non-zero difference is non-zero mod 2^32); scattered damage goes
-unnoticed only by chance (about 2^-64 for random bytes). Integer sums do not depend on the order
+Per array, h = sum_i w_i b_i mod 2^32 over its elements b_i (their bits as unsigned integers),
+with odd position weights w_i = (0x9E3779B1 i) | 1, recorded with the array's shape and dtype.
+A change of any one element always changes h (an odd weight times a non-zero difference is
+non-zero mod 2^32); scattered damage goes unnoticed only by chance (about 2^-32 for random
+bytes); values moved to other positions change it too. Integer sums do not depend on the order
 of reduction, so the digest is the same on every device, sharding and backend; it runs where the
 array lives (one fused pass, no copy to the host). Saves digest the state they hand to orbax, and
 restores digest what orbax read back from the files.
@@ -31,16 +31,16 @@ def _bits(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, _UNSIGNED[size]).astype(jnp.uint32).ravel()
 
 
-def _lanes(x: jax.Array) -> jax.Array:
-    """[2] uint32: the two digest lanes of one array."""
+def _weighted_sum(x: jax.Array) -> jax.Array:
+    """uint32 scalar: h of one array."""
     b = _bits(x)
     w = jnp.arange(b.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
-    return jnp.stack([jnp.sum(b * w), jnp.sum((b ^ (b >> 13)) * (w ^ jnp.uint32(0x5BD1E994)))])
+    return jnp.sum(b * w)
 
 
 @jax.jit
-def _all_lanes(leaves: list[jax.Array]) -> list[jax.Array]:
-    return [_lanes(x) for x in leaves]
+def _all_sums(leaves: list[jax.Array]) -> list[jax.Array]:
+    return [_weighted_sum(x) for x in leaves]
 
 
 def _key(path) -> str:
@@ -48,13 +48,13 @@ def _key(path) -> str:
 
 
 def state_digest(tree: Any) -> dict[str, str]:
-    """{"params/backbone/.../kernel": "<shape> <dtype> <16 hex digits>", ...} for every array."""
+    """{"params/backbone/.../kernel": "<shape> <dtype> <8 hex digits>", ...} for every array."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    lanes = jax.device_get(_all_lanes([jnp.asarray(x) for _, x in flat]))
+    sums = jax.device_get(_all_sums([jnp.asarray(x) for _, x in flat]))
     return {
         _key(path): f"{'x'.join(map(str, np.shape(x))) or 'scalar'} {np.dtype(x.dtype).name} "
-        f"{int(h[0]):08x}{int(h[1]):08x}"
-        for (path, x), h in zip(flat, lanes, strict=True)
+        f"{int(h):08x}"
+        for (path, x), h in zip(flat, sums, strict=True)
     }
 
 
