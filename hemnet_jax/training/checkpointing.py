@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -286,8 +285,8 @@ class Checkpointer:
                 source, target = epath.Path(self.directory) / str(step), epath.Path(rejected)
                 target.mkdir(parents=True, exist_ok=True)
                 destination = target / str(step)
-                if destination.exists():
-                    shutil.rmtree(destination, ignore_errors=True)
+                if destination.exists():  # rejected before, by an earlier run
+                    destination.rmtree()
                 source.rename(destination)
                 logging.warning("Moved the checkpoint of step %d to %s.", step, destination)
         if jax.process_count() > 1:

@@ -4,7 +4,7 @@ Per array, h = sum_i w_i b_i mod 2^32 over its elements b_i (their bits as unsig
 with odd position weights w_i = (0x9E3779B1 i) | 1, recorded with the array's shape and dtype.
 A change of any one element always changes h (an odd weight times a non-zero difference is
 non-zero mod 2^32); scattered damage goes unnoticed only by chance (about 2^-32 for random
-bytes); values moved to other positions change it too. Integer sums do not depend on the order
+bytes), and so do values moved to other positions. Integer sums do not depend on the order
 of reduction, so the digest is the same on every device, sharding and backend; it runs where the
 array lives (one fused pass, no copy to the host). Saves digest the state they hand to orbax, and
 restores digest what orbax read back from the files.
