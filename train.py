@@ -11,13 +11,15 @@ The resolved config is written to DIR/config.json, what the console shows to DIR
 """
 
 import os
+import sys
 
 import jax
-from absl import flags
+from absl import flags, logging
 
 from hemnet_jax import cli, config_check, trainer
 from hemnet_jax.data import datasets
 from hemnet_jax.training import checkpointing, sharding
+from hemnet_jax.training.workdir_lock import run_lock
 
 
 def define_flags() -> None:
@@ -38,8 +40,17 @@ def main(argv):
                        data=True, pretrained=not resuming, folders={"--workdir": workdir})
     if resuming:
         checkpointing.check_recorded_config(config, checkpoints)
-    cli.start_run_files(config, workdir, "train")
-    trainer.train_and_evaluate(config, workdir)
+    with run_lock(workdir):  # before anything is written to the workdir
+        cli.start_run_files(config, workdir, "train")
+        try:
+            trainer.train_and_evaluate(config, workdir, lock=False)
+        except checkpointing.CheckpointSaveError as e:
+            logging.flush()
+            # The failed save's other writes may still be in flight in orbax's threads: an
+            # orderly shutdown closes their event loop under them and each prints a traceback.
+            # Everything of value is on disk (logs flushed, earlier checkpoints intact).
+            print(f"FATAL: {e}", file=sys.stderr, flush=True)
+            os._exit(1)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from hemnet_jax.training.input_pipeline import prepare_data, train_batches
 from hemnet_jax.training.preemption import PreemptionWatcher
 from hemnet_jax.training.state import TrainState, abstract_state, init_state, optimizer_for
 from hemnet_jax.training.train_step import make_train_step
+from hemnet_jax.training.workdir_lock import run_lock
 
 # Until 0.2 this module also held the state, data and validation functions (see _compat).
 __getattr__ = _compat.moved_attributes(
@@ -47,16 +48,27 @@ __getattr__ = _compat.moved_attributes(
 
 
 class TrainingDivergedError(FloatingPointError, UserError):
-    """The loss became NaN or Inf; the message names the steps and the last good checkpoint."""
+    """The loss or the parameters became NaN or Inf; the message names the step and the last good
+    checkpoint."""
 
 
-def _check_finite(finite: jax.Array, first_step: int, last_step: int, ckpt_step) -> None:
-    if not bool(finite):
-        raise TrainingDivergedError(
-            f"The training loss became NaN or Inf between steps {first_step} and {last_step}. "
-            f"Training stopped without saving; the last good checkpoint is step {ckpt_step}. "
-            "Lower train.learning_rate, check the data, or train in float32 (model.dtype)."
-        )
+def _check_finite(finite: jax.Array, window: list[dict], first_step: int, ckpt_step) -> None:
+    """Raises FloatingPointError naming the first step (of the window after `first_step`) whose
+    loss or parameters are not finite."""
+    if bool(finite):
+        return
+    bad = next(
+        (first_step + 1 + i for i, m in enumerate(jax.device_get(window))
+         if not (np.isfinite(m["loss"]) and np.isfinite(m["param_norm"]))),
+        first_step + len(window),
+    )
+    kept = (f"the last good checkpoint is step {ckpt_step}" if ckpt_step is not None
+            else "no checkpoint had been saved yet")
+    raise TrainingDivergedError(
+        f"The training loss or parameters became NaN or Inf at step {bad}. Training stopped "
+        f"without saving; {kept}. Lower train.learning_rate, check the data, or train in "
+        "float32 (model.dtype)."
+    )
 
 
 def train_and_evaluate(
@@ -65,6 +77,7 @@ def train_and_evaluate(
     *,
     mesh: Mesh | None = None,
     stop_after: int | None = None,
+    lock: bool = True,
 ) -> TrainState:
     """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
@@ -72,9 +85,23 @@ def train_and_evaluate(
       mesh: devices to use (default: every device of every process).
       stop_after: stop after this many steps of this invocation, saving a checkpoint as a
         preemption would (a later call resumes).
+      lock: hold the workdir's lock (`workdir_lock.run_lock`) for the run; False when the
+        caller holds it (train.py takes it before writing anything to the workdir).
     Returns:
       The final training state.
+    Raises:
+      WorkdirLockedError: another live run trains in `workdir` (checked before any work).
+      checkpointing.NoVerifiedCheckpointError: checkpoints exist but none verifies.
+      checkpointing.CheckpointSaveError: a save failed (reported at the next step).
+      FloatingPointError: the loss or the parameters became NaN or Inf.
     """
+    if not lock:
+        return _train_and_evaluate(config, workdir, mesh, stop_after)
+    with run_lock(checkpointing.resolve_path(workdir)):
+        return _train_and_evaluate(config, workdir, mesh, stop_after)
+
+
+def _train_and_evaluate(config, workdir, mesh, stop_after) -> TrainState:
     mesh = sharding.create_mesh() if mesh is None else mesh
     info = datasets.get_dataset_info(config.data.name)
     prepare_data(config)
@@ -92,14 +119,16 @@ def train_and_evaluate(
     meta = checkpointing.run_metadata(config)
 
     tx, schedule = optimizer_for(config, model)
-    latest = ckpt.latest_step()
-    if latest is None:
-        state = init_state(config, model, tx, mesh)
+    if ckpt.latest_step() is None:
+        state, latest = init_state(config, model, tx, mesh), None
         logging.info("Initialised a new run in %s.", workdir)
         writer.write_hparams(_flat_hparams(config))
     else:
         rule = config.train.state_sharding
-        state, _ = ckpt.restore(abstract_state(model, tx, mesh, rule), config, latest)
+        state, _ = ckpt.restore(
+            abstract_state(model, tx, mesh, rule), config, fallback=True, quarantine=True
+        )
+        latest = int(state.step)
         logging.info("Resumed from the checkpoint of step %d in %s.", latest, workdir)
     start_step = int(state.step)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -124,8 +153,11 @@ def train_and_evaluate(
         loop.grad_flow = _grad_flow_probe(config, model, mesh)
     if config.train.basis_diagnostics:
         loop.diagnostics = diagnostics.make_probe(model, mesh, train=True)
+    # Installed for the rest of the process: a notice during the final validation finds the
+    # final checkpoint already written and lets the validation finish.
+    preemption = PreemptionWatcher(agree_every=config.train.log_every).install(start_step)
     try:
-        state = loop.run(state, train_step, batches, key, hooks, stop_after)
+        state = loop.run(state, train_step, batches, key, hooks, stop_after, preemption)
     finally:
         ckpt.close()  # lets a save in flight finish, whatever happened
         writer.flush()
@@ -152,45 +184,47 @@ class _Loop:
         self.grad_flow: tuple[Callable, dict] | None = None  # (jitted probe, fixed batch)
         self.diagnostics: diagnostics.Probe | None = None  # the bases/* scalars at log steps
 
-    def run(self, state, train_step, batches, key, hooks, stop_after) -> TrainState:
+    def run(self, state, train_step, batches, key, hooks, stop_after, preemption) -> TrainState:
         t = self.config.train
         step = int(state.step)
         last_stop = t.num_steps if stop_after is None else min(t.num_steps, step + stop_after)
         window: list[dict[str, jax.Array]] = []
         window_start, finite = step, jnp.array(True)
-        with PreemptionWatcher() as preemption:
-            while step < last_stop:
-                batch = sharding.global_batch(next(batches), self.mesh)
-                state, step_metrics = train_step(state, batch, key)
-                step += 1
-                # Dispatched, not waited for: the host syncs only where it logs or saves.
-                finite &= jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(
-                    step_metrics["param_norm"]
-                )
-                window.append(step_metrics)
-                for hook in hooks:
-                    hook(step)
-                preempted = preemption.requested or self.ckpt.reached_preemption(step)
-                final = step == last_stop or preempted
-                save = final or step % max(t.checkpoint_every, 1) == 0
-                if save or step % t.log_every == 0:
-                    _check_finite(finite, window_start, step, self.last_saved)
-                    self._write_window(step, window)
-                    window, window_start = [], step
-                    if self.diagnostics:
-                        self._write_diagnostics(step, state, batch)
-                if save:
-                    self.ckpt.save(step, state, self.meta, force=final)
-                    self.last_saved = step
-                if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
-                    self._validate(step, state)
-                if self.grad_flow and step % t.grad_flow_every == 0:
-                    probe, fixed_batch = self.grad_flow
-                    values = jax.device_get(probe(state.variables, fixed_batch))
-                    self.writer.write_scalars(step, {k: float(v) for k, v in values.items()})
-                if preempted:
-                    logging.warning("Stopped at step %d after a preemption notice.", step)
-                    return state
+        while step < last_stop:
+            batch = sharding.global_batch(next(batches), self.mesh)
+            state, step_metrics = train_step(state, batch, key)
+            step += 1
+            # A background save that failed stops the run here, one step after it ended.
+            self.ckpt.check_saved()
+            # Dispatched, not waited for: the host syncs only where it logs or saves.
+            finite &= jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["param_norm"])
+            window.append(step_metrics)
+            for hook in hooks:
+                hook(step)
+            preempted = preemption.reached(step)
+            final = step == last_stop or preempted
+            save = final or step % max(t.checkpoint_every, 1) == 0
+            if save or step % t.log_every == 0:
+                _check_finite(finite, window, window_start, self.last_saved)
+                self._write_window(step, window)
+                window, window_start = [], step
+                if self.diagnostics:
+                    self._write_diagnostics(step, state, batch)
+            if save:
+                self.ckpt.save(step, state, self.meta, force=final)
+                self.last_saved = step
+            if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
+                self._validate(step, state)
+            if self.grad_flow and step % t.grad_flow_every == 0:
+                probe, fixed_batch = self.grad_flow
+                values = jax.device_get(probe(state.variables, fixed_batch))
+                self.writer.write_scalars(step, {k: float(v) for k, v in values.items()})
+            if preempted:
+                self.ckpt.wait()
+                logging.warning("Stopped at step %d after a preemption notice; its checkpoint "
+                                "is saved.", step)
+                return state
+        self.ckpt.wait()  # the final checkpoint is on disk before the final validation starts
         if step == t.num_steps:
             self._validate(step, state)
         return state

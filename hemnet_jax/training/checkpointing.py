@@ -1,8 +1,11 @@
 """Orbax checkpoints of the training state, with the run's model config beside it.
 
 Each step directory holds `state` (params, optimiser state, BatchNorm statistics, HEM bases, step)
-and `meta` (JSON: the model config, dataset, seed). Orbax writes into a temporary directory and
-renames it when complete, so an interrupted save never replaces a good checkpoint.
+and `meta` (JSON: the model config, dataset, seed, and a content digest of every array of the state,
+`training.digest`). Orbax writes into a temporary directory and renames it when complete, so an
+interrupted save never replaces a good checkpoint. A restore checks the digest; a step that fails
+(missing, truncated or corrupt files, a digest mismatch, an empty or partial directory) is skipped
+with one warning line for the newest step that verifies (see docs/operations.md).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from hemnet_jax.errors import UserError
+from hemnet_jax.training import digest
 
 # Model keys that do not change what a checkpoint holds or means: a run may differ in them.
 RUNTIME_ONLY_MODEL_KEYS = frozenset({"pretrained", "dtype", "remat", "aux_loss_weight"})
@@ -29,6 +34,20 @@ def resolve_path(path: str) -> str:
 
 class CheckpointMismatchError(ValueError, UserError):
     """A checkpoint was written by a run with another model or dataset."""
+
+
+class NoVerifiedCheckpointError(RuntimeError, UserError):
+    """No checkpoint step that was tried restores and matches its digest; the message (one line)
+    lists each step tried and why it failed."""
+
+
+class CheckpointSaveError(RuntimeError, UserError):
+    """A checkpoint save (in the background) failed; the message (one line) gives the cause, the
+    path and what to do."""
+
+
+class _Unverified(Exception):
+    """One step failed to restore or verify; the message is the reason, short."""
 
 
 def run_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -74,29 +93,38 @@ def has_checkpoint(directory: str) -> bool:
 def check_recorded_config(
     config: ml_collections.ConfigDict, directory: str, step: int | None = None
 ) -> int | None:
-    """Checks the run recorded with a checkpoint of `directory` (`step`, default its latest)
-    against `config`, reading only its JSON, before any model or dataset is built.
+    """Checks the run recorded with a checkpoint of `directory` (`step`, default the newest whose
+    metadata reads) against `config`, reading only its JSON, before any model or dataset is built.
 
     Returns:
-      The step checked; None when `directory` holds no checkpoint.
+      The step checked; None when `directory` holds no checkpoint whose metadata reads.
     Raises:
       CheckpointMismatchError: another model or dataset; every differing key is named.
+      NoVerifiedCheckpointError: the metadata of an explicit `step` cannot be read.
     """
     if not has_checkpoint(directory):
         return None
     ckpt = Checkpointer(directory, read_only=True)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is not None:
-            ckpt.check_config(config, step)
+        candidates = [step] if step is not None else sorted(ckpt.all_steps(), reverse=True)
+        for candidate in candidates:
+            try:
+                ckpt.check_config(config, candidate)
+                return candidate
+            except _Unverified as e:
+                if step is not None:
+                    raise NoVerifiedCheckpointError(
+                        f"The checkpoint {os.path.join(ckpt.directory, str(step))} does not "
+                        f"verify: {e}."
+                    ) from None
+        return None
     finally:
         ckpt.close()
-    return step
 
 
 class Checkpointer:
     """A `CheckpointManager` over `<workdir>/checkpoints`: save every N steps, keep the last K,
-    asynchronously."""
+    asynchronously; restore only what verifies."""
 
     def __init__(
         self,
@@ -108,6 +136,9 @@ class Checkpointer:
         read_only: bool = False,
     ):
         self.directory = resolve_path(directory)  # orbax needs absolute local paths
+        self._read_only = read_only
+        self._pending: int | None = None  # the step of a save whose outcome is not checked yet
+        self._failed = False  # a save failed: its writes may still be pending in orbax's loop
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(  # read-only: no saving, no pruning
@@ -122,8 +153,16 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
-        """Starts saving (in the background) if `step` is on the cadence or `force`."""
+        """Starts saving (in the background) if `step` is on the cadence or `force`, with the
+        digest of every array of `state` recorded in `meta`."""
+        self.check_saved(block=True)  # orbax waits for the previous save anyway
+        if not (force or self._manager.should_save(step)):
+            return False
+        meta = {**meta, "digest": digest.state_digest(state)}
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -132,44 +171,143 @@ class Checkpointer:
             force=force,
         )
         if saved:
+            self._pending = step
             logging.info("Saving checkpoint of step %d to %s.", step, self.directory)
         return saved
 
-    def restore(
-        self, abstract_state: Any, config: ml_collections.ConfigDict, step: int | None = None
-    ) -> tuple[Any, dict[str, Any]]:
-        """Restores `step` (default: the latest) into the shapes and shardings of
-        `abstract_state` after checking the run's metadata against `config`."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-        where = os.path.join(self.directory, str(step))
-        meta = self.check_config(config, step)
+    def check_saved(self, *, block: bool = False) -> None:
+        """Raises CheckpointSaveError if the last background save has failed; cheap when it is
+        still running (unless `block`) or was already checked."""
+        if self._pending is None or (not block and self._manager.is_saving_in_progress()):
+            return
+        step, self._pending = self._pending, None
         try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-            )
-        except (ValueError, KeyError) as e:
-            raise CheckpointMismatchError(
-                f"The checkpoint {where} does not fit this model's variables: {e}"
-            ) from e
-        return restored["state"], meta
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001  (any failure of the save is reported the same)
+            self._failed = True
+            last_good = [s for s in self._manager.all_steps() if s != step]
+            raise CheckpointSaveError(
+                f"Saving the checkpoint of step {step} to {self.directory} failed: "
+                f"{_one_line(e)}. Free space or fix access there, then re-run the same command: "
+                "it resumes from "
+                + (f"step {max(last_good)}" if last_good else "the start (no checkpoint yet)")
+                + "."
+            ) from None
+
+    def restore(
+        self,
+        abstract_state: Any,
+        config: ml_collections.ConfigDict,
+        step: int | None = None,
+        *,
+        fallback: bool = False,
+        quarantine: bool = False,
+    ) -> tuple[Any, dict[str, Any]]:
+        """Restores and verifies `step` (default: the latest) into the shapes and shardings of
+        `abstract_state`, after checking the run's metadata against `config`.
+
+        Args:
+          fallback: when `step` is None, a latest step that fails is skipped (one warning line)
+            for the newest older step that verifies.
+          quarantine: move failed steps to `<workdir>/rejected_checkpoints/` (training does, so
+            that new saves do not meet them).
+        Raises:
+          CheckpointMismatchError: the checkpoint was written by another model configuration.
+          NoVerifiedCheckpointError: nothing tried verified; the message lists what was tried.
+        """
+        if step is not None:
+            candidates = [step]
+        else:
+            candidates = sorted(self._manager.all_steps(), reverse=True)
+            if not fallback:
+                candidates = candidates[:1]
+        if not candidates:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+        failures = []
+        for candidate in candidates:
+            try:
+                restored = self._restore_verified(abstract_state, config, candidate)
+            except _Unverified as e:
+                failures.append((candidate, str(e)))
+                more = fallback and step is None and candidate != candidates[-1]
+                logging.warning(
+                    "Checkpoint step %d in %s does not verify (%s)%s.", candidate,
+                    self.directory, e, "; trying the next older step" if more else "",
+                )
+                continue
+            if quarantine and failures:
+                self._quarantine([s for s, _ in failures])
+            return restored
+        tried = "; ".join(f"step {s}: {reason}" for s, reason in failures)
+        raise NoVerifiedCheckpointError(
+            f"No checkpoint in {self.directory} verifies ({tried}). Restore a copy of the "
+            "checkpoints, or start afresh in another --workdir (see docs/operations.md)."
+        )
 
     def check_config(self, config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
         """The run metadata recorded with `step` (JSON only, no state read), after checking it
-        against `config` (CheckpointMismatchError names every key that differs)."""
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        check_compatible(meta["meta"], config, os.path.join(self.directory, str(step)))
-        return meta["meta"]
+        against `config` (CheckpointMismatchError names every key that differs); _Unverified
+        when it cannot be read."""
+        try:
+            meta = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )["meta"]
+        except Exception as e:  # noqa: BLE001  (any damage reads as "does not verify")
+            raise _Unverified(f"its metadata cannot be read: {_one_line(e)}") from None
+        if not isinstance(meta, dict):
+            raise _Unverified("its metadata is not a JSON object")
+        check_compatible(meta, config, os.path.join(self.directory, str(step)))
+        return meta
+
+    def _restore_verified(self, abstract_state, config, step: int) -> tuple[Any, dict[str, Any]]:
+        meta = self.check_config(config, step)
+        try:
+            state = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            )["state"]
+        except Exception as e:  # noqa: BLE001
+            raise _Unverified(f"its state cannot be read: {_one_line(e)}") from None
+        recorded = meta.get("digest")
+        if recorded is None:
+            logging.warning("Checkpoint step %d has no digest (written before digests were "
+                            "recorded): restored without verification.", step)
+        else:
+            mismatch = digest.first_mismatch(recorded, digest.state_digest(state))
+            if mismatch:
+                raise _Unverified(mismatch)
+        return state, meta
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves failed step directories aside (process 0), so the run can save those steps."""
+        rejected = os.path.join(os.path.dirname(self.directory), "rejected_checkpoints")
+        if jax.process_index() == 0:
+            for step in steps:
+                source, target = epath.Path(self.directory) / str(step), epath.Path(rejected)
+                target.mkdir(parents=True, exist_ok=True)
+                destination = target / str(step)
+                if destination.exists():  # rejected before, by an earlier run
+                    destination.rmtree()
+                source.rename(destination)
+                logging.warning("Moved the checkpoint of step %d to %s.", step, destination)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("hemnet_jax: rejected checkpoints moved")
+        self._manager.reload()
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Blocks until the save in flight is written; raises CheckpointSaveError if it failed."""
+        self.check_saved(block=True)
 
     def close(self) -> None:
+        if self._failed:
+            # Closing would shut orbax's event loop under the failed save's writes still in
+            # flight, each of which then prints a traceback; the process is ending anyway.
+            return
         self._manager.wait_until_finished()
         self._manager.close()
 
-    def reached_preemption(self, step: int) -> bool:
-        """True on every process once a multi-host preemption notice has arrived (JAX's
-        coordination service); always False in a single-process run."""
-        return jax.process_count() > 1 and self._manager.reached_preemption(step)
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text if len(text) <= 240 else text[:237] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -1,4 +1,18 @@
-"""Preemption notices (SIGTERM) turned into a flag the training loop polls at step boundaries."""
+"""Preemption notices turned into one stop step that every process agrees on.
+
+Multi-process runs (`jax.distributed`, whose preemption service is on by default): JAX installs
+its own SIGTERM notifier in `jax.distributed.initialize`. A notice on any host reaches the
+coordination service, which sets the stop step to the fastest process's step + 1, and
+`multihost_utils.reached_preemption_sync_point(step)` turns True at that step on every process.
+No Python SIGTERM handler is installed there: it would replace JAX's notifier.
+
+Single-process runs, and multi-process runs with `jax_enable_preemption_service` off: a Python
+SIGTERM handler sets a flag; with several processes the flags are agreed (an all-gather of one
+integer) every `agree_every` steps, so that all stop at the same step.
+
+Either handler stays installed until the process ends: a notice after the last step (during the
+final validation) neither kills the process nor loses the final checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +20,46 @@ import logging
 import signal
 import threading
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 
 class PreemptionWatcher:
-    """Turns SIGTERM (a TPU VM's preemption notice, or `kill`) into a flag the loop polls, so the
-    loop saves a checkpoint at a step boundary and exits cleanly."""
+    """`reached(step)`, called at every step boundary, is True at one and the same step on every
+    process once any process has received a preemption notice (SIGTERM)."""
 
-    def __init__(self):
+    def __init__(self, agree_every: int = 1):
         self._event = threading.Event()
-        self._previous = None
+        self._agree_every = max(agree_every, 1)
+        self._jax_service = False
 
-    def __enter__(self) -> PreemptionWatcher:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def install(self, start_step: int) -> PreemptionWatcher:
+        """Starts watching from `start_step`, the step every process resumes from."""
+        if jax.process_count() > 1:
+            try:
+                # Registers this process's step with JAX's sync manager now: a notice that comes
+                # before the first step would otherwise pick its stop step from a count of 0.
+                multihost_utils.reached_preemption_sync_point(start_step)
+                self._jax_service = True
+            except RuntimeError:  # jax_enable_preemption_service is off
+                self._jax_service = False
+        if not self._jax_service and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
     def _handle(self, signum, frame) -> None:
-        logging.warning("SIGTERM received: saving a checkpoint at the next step, then exiting.")
+        logging.warning(
+            "SIGTERM received: saving a checkpoint at the next step boundary, then exiting."
+        )
         self._event.set()
 
-    @property
-    def requested(self) -> bool:
-        return self._event.is_set()
+    def reached(self, step: int) -> bool:
+        """True at the step where every process stops; call it at every step, on every process."""
+        if self._jax_service:
+            return multihost_utils.reached_preemption_sync_point(step)
+        if jax.process_count() == 1:
+            return self._event.is_set()
+        if step % self._agree_every:
+            return False
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self._event.is_set()))))

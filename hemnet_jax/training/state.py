@@ -194,23 +194,27 @@ def restore_for_eval(
 
     The optimiser state is restored too (the checkpoint's tree includes it) and then dropped.
 
+    A checkpoint is verified against its recorded digest. Named by a workdir or a checkpoints
+    directory, a latest step that fails is skipped (one warning line) for the newest step that
+    verifies; a step directory named explicitly must verify.
+
     Raises:
       CheckpointNotFoundError: see `locate_checkpoint`.
       checkpointing.CheckpointMismatchError: the checkpoint's model config or dataset differs
-        from `config`'s (checked first, before the model is built), or its variables do not
-        fit the model.
+        from `config`'s (checked first, before the model is built).
+      checkpointing.NoVerifiedCheckpointError: no step tried verifies (the message lists them).
     """
     mesh = sharding.create_mesh() if mesh is None else mesh
     directory, step = locate_checkpoint(workdir, checkpoint)
-    step = checkpointing.check_recorded_config(config, directory, step)
-    if step is None:
-        raise CheckpointNotFoundError(f"No checkpoint in {directory}.")
+    if checkpointing.check_recorded_config(config, directory, step) is None:
+        raise CheckpointNotFoundError(f"No checkpoint in {directory} whose metadata reads.")
     info = datasets.get_dataset_info(config.data.name)
     model = create_model(config.model, info.num_classes)
     tx, _ = optimizer_for(config, model)
     ckpt = checkpointing.Checkpointer(directory, read_only=True)
     try:
-        state, _ = ckpt.restore(abstract_state(model, tx, mesh), config, step)
+        state, _ = ckpt.restore(abstract_state(model, tx, mesh), config, step, fallback=True)
+        step = int(jax.device_get(state.step))
     finally:
         ckpt.close()
     return Restored(

@@ -1,0 +1,197 @@
+"""Checkpoints verified before they are trusted, one writer per workdir, save failures reported
+where they happen, divergence reported at its step. Real orbax checkpoints damaged on disk, real
+processes for the lock and the full disk, the real CLI for the error lines."""
+
+import glob
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hemnet_jax import trainer
+from hemnet_jax.models import create_model
+from hemnet_jax.training import digest, sharding
+from hemnet_jax.training.checkpointing import Checkpointer, NoVerifiedCheckpointError
+from hemnet_jax.training.state import abstract_state, optimizer_for, restore_for_eval
+from hemnet_jax.training.workdir_lock import LOCK_NAME, WorkdirLockedError, workdir_lock
+from tests.test_train import REPO, _config, _subprocess_env, _train_cmd
+
+
+def _biggest_data_file(step_dir: str) -> str:
+    return max(glob.glob(f"{step_dir}/state/ocdbt.process_0/d/*"), key=os.path.getsize)
+
+
+def _flip(path: str, offset: int = 100, count: int = 64) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(count)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+DAMAGES = {  # what is done to the latest step (3), and words of the warning it must give
+    "truncated data file": (lambda d: open(_biggest_data_file(d), "r+b").truncate(500),
+                            "cannot be read"),
+    "deleted data file": (lambda d: os.remove(_biggest_data_file(d)), "cannot be read"),
+    "deleted _METADATA": (lambda d: os.remove(f"{d}/state/_METADATA"), "step 3"),
+    "64 flipped bytes": (lambda d: _flip(_biggest_data_file(d)), "digest mismatch"),
+    "empty directory": (lambda d: (shutil.rmtree(d), os.makedirs(d)), "cannot be read"),
+    "deleted meta": (lambda d: shutil.rmtree(f"{d}/meta"), "metadata cannot be read"),
+}
+
+
+def test_digest_detects_one_changed_element_and_only_that():
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.normal(size=(7, 5)).astype(np.float32),
+            "h": rng.normal(size=(9,)).astype(jax.numpy.bfloat16), "n": np.int32(3)}
+    recorded = digest.state_digest(tree)
+    assert digest.first_mismatch(recorded, digest.state_digest(dict(tree))) is None
+    for name, index in (("w", (6, 4)), ("h", (0,))):
+        changed = {k: np.array(v, copy=True) for k, v in tree.items()}
+        bits = changed[name].view(np.uint32 if name == "w" else np.uint16)
+        bits[index] ^= 1  # the lowest mantissa bit of one element
+        assert digest.first_mismatch(recorded, digest.state_digest(changed)) == (
+            f"digest mismatch in {name}")
+    swapped = dict(tree, w=tree["w"][::-1].copy())  # same values, other positions
+    assert digest.first_mismatch(recorded, digest.state_digest(swapped)) == "digest mismatch in w"
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_that_verifies(
+    tiny_data_dir, tmp_path, caplog
+):
+    config = _config(tiny_data_dir, num_steps=3, checkpoint_every=1)
+    good = str(tmp_path / "good")
+    trainer.train_and_evaluate(config, good)
+    model = create_model(config.model, num_classes=6)
+    tx, _ = optimizer_for(config, model)
+    abstract = abstract_state(model, tx, sharding.create_mesh(jax.devices()[:1]))
+    reference, _ = Checkpointer(f"{good}/checkpoints", read_only=True).restore(
+        abstract, config, 2)
+
+    for name, (damage, words) in DAMAGES.items():
+        run = str(tmp_path / name.replace(" ", "_"))
+        shutil.copytree(good, run)
+        damage(f"{run}/checkpoints/3")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            state, _ = Checkpointer(f"{run}/checkpoints", read_only=True).restore(
+                abstract, config, fallback=True)
+        assert int(state.step) == 2, name
+        assert all(np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(reference)),
+            strict=True)), name
+        warnings = [r.getMessage() for r in caplog.records if "does not verify" in r.getMessage()]
+        assert len(warnings) == 1 and "step 3" in warnings[0] and words in warnings[0], (
+            name, warnings)
+
+    # A leftover temporary directory (a save killed midway) is not a step: step 3 is restored.
+    run = str(tmp_path / "tmp_dir")
+    shutil.copytree(good, run)
+    shutil.copytree(f"{run}/checkpoints/3", f"{run}/checkpoints/4.orbax-checkpoint-tmp-1234")
+    state, _ = Checkpointer(f"{run}/checkpoints", read_only=True).restore(
+        abstract, config, fallback=True)
+    assert int(state.step) == 3
+
+    # eval's restore falls back the same way from a workdir; an explicit step must verify.
+    flipped = str(tmp_path / "64_flipped_bytes")
+    assert restore_for_eval(config, workdir=flipped,
+                            mesh=sharding.create_mesh(jax.devices()[:1])).step == 2
+    with pytest.raises(NoVerifiedCheckpointError, match=r"step 3: digest mismatch in "):
+        restore_for_eval(config, checkpoint=f"{flipped}/checkpoints/3",
+                         mesh=sharding.create_mesh(jax.devices()[:1]))
+
+    # Training resumes from step 2, moves step 3 aside, and saves a new step 3.
+    config.train.num_steps = 4
+    trainer.train_and_evaluate(config, flipped, mesh=sharding.create_mesh(jax.devices()[:1]))
+    assert os.listdir(f"{flipped}/rejected_checkpoints") == ["3"]
+    assert Checkpointer(f"{flipped}/checkpoints", read_only=True).all_steps() == [2, 3, 4]
+
+    # Nothing verifies: one line listing every step tried.
+    for step in (1, 2, 3):
+        _flip(_biggest_data_file(f"{run}/checkpoints/{step}"))
+    with pytest.raises(NoVerifiedCheckpointError) as error:
+        Checkpointer(f"{run}/checkpoints", read_only=True).restore(
+            abstract, config, fallback=True)
+    message = str(error.value)
+    assert "\n" not in message
+    assert all(f"step {s}: digest mismatch" in message for s in (3, 2, 1)), message
+
+
+def test_eval_with_an_explicit_damaged_checkpoint_stops_with_one_line(tiny_data_dir, tmp_path):
+    config = _config(tiny_data_dir, num_steps=1, checkpoint_every=1)
+    trainer.train_and_evaluate(config, str(tmp_path))
+    _flip(_biggest_data_file(f"{tmp_path}/checkpoints/1"))
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "eval.py"), "--config", "tests/tiny.py",
+         f"--checkpoint={tmp_path}/checkpoints/1", f"--config.data.data_dir={tiny_data_dir}",
+         "--config.eval.max_batches=1"],
+        capture_output=True, text=True, cwd=REPO, env=_subprocess_env(1), timeout=300,
+    )
+    assert result.returncode == 1
+    fatal = [x for x in result.stderr.splitlines() if x.startswith("FATAL:")]
+    assert len(fatal) == 1 and "step 1: digest mismatch in" in fatal[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_one_writer_per_workdir(tiny_data_dir, tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\nfrom hemnet_jax.training.workdir_lock import workdir_lock\n"
+         f"with workdir_lock({str(tmp_path)!r}):\n print('held', flush=True)\n time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO, env=_subprocess_env(1),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = subprocess.run(_train_cmd(tmp_path, tiny_data_dir), capture_output=True,
+                                text=True, cwd=REPO, env=_subprocess_env(1), timeout=300)
+        assert result.returncode == 1
+        fatal = [x for x in result.stderr.splitlines() if x.startswith("FATAL:")]
+        assert len(fatal) == 1 and f"pid {holder.pid} on host" in fatal[0], result.stderr[-2000:]
+        assert not os.path.exists(tmp_path / "checkpoints")  # stopped before any work
+        with pytest.raises(WorkdirLockedError, match=f"pid {holder.pid}"):
+            with workdir_lock(str(tmp_path)):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    # The record of the killed holder is still there, stale: it does not block.
+    assert f'"pid": {holder.pid}' in (tmp_path / LOCK_NAME).read_text()
+    with workdir_lock(str(tmp_path)):
+        assert f'"pid": {os.getpid()}' in (tmp_path / LOCK_NAME).read_text()
+
+
+def test_full_disk_is_reported_at_the_next_step_in_one_line(tiny_data_dir, tmp_path):
+    cmd = [sys.executable, os.path.join(REPO, "tests", "enospc_train.py"), "metadata", "4",
+           *_train_cmd(tmp_path, tiny_data_dir, "--config.train.num_steps=8",
+                       "--config.train.checkpoint_every=2", "--config.train.log_every=1")[1:]]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                            env=_subprocess_env(1), timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    fatal = [x for x in result.stderr.splitlines() if x.startswith("FATAL:")]
+    assert len(fatal) == 1, result.stderr[-3000:]
+    assert "step 4" in fatal[0] and "No space left on device" in fatal[0], fatal
+    assert f"{tmp_path}/checkpoints" in fatal[0] and "resumes from step 2" in fatal[0], fatal
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+    logged = [int(s) for s in __import__("re").findall(r"\] \[(\d+)\] .*loss=", result.stderr)]
+    assert max(logged) <= 6, logged  # stopped within the steps after the failed save
+    config = _config(tiny_data_dir)
+    model = create_model(config.model, num_classes=6)
+    tx, _ = optimizer_for(config, model)
+    state, _ = Checkpointer(f"{tmp_path}/checkpoints", read_only=True).restore(
+        abstract_state(model, tx, sharding.create_mesh(jax.devices()[:1])), config,
+        fallback=True)
+    assert int(state.step) == 2  # the last good checkpoint, verified
+
+
+def test_divergence_is_reported_at_its_step_before_any_checkpoint(tiny_data_dir, tmp_path):
+    config = _config(tiny_data_dir, num_steps=6, checkpoint_every=100, log_every=4,
+                     learning_rate=1e30)
+    with pytest.raises(FloatingPointError,
+                       match=r"NaN or Inf at step [12]\. .*no checkpoint had been saved yet"):
+        trainer.train_and_evaluate(config, str(tmp_path))

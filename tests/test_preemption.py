@@ -1,0 +1,138 @@
+"""Preemption agreed by every process: two real train.py processes on localhost, SIGTERM to one of
+them (and, in a second run, to each at a different step). Both exit 0 within a bound, both save
+the same step, and the resumed run ends bitwise equal to a straight one. Also the single-process
+case of a SIGTERM during the final validation.
+"""
+
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import jax
+import numpy as np
+
+from hemnet_jax.models import create_model
+from hemnet_jax.training import sharding
+from hemnet_jax.training.checkpointing import Checkpointer
+from hemnet_jax.training.state import abstract_state, optimizer_for
+from tests.test_train import REPO, _free_port, _subprocess_env, _train_cmd
+from tests.tiny import tiny_config
+
+NUM_STEPS = 24
+EXIT_BOUND_S = 180  # from the first SIGTERM to both exits; includes compiling the digest
+
+
+class _Run:
+    """One train.py process whose stderr is read in a thread: the last step it logged."""
+
+    def __init__(self, cmd, env):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, cwd=REPO, env=env)
+        self.lines: list[str] = []
+        self.step = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            m = re.search(r"\] \[(\d+)\] .*loss=", line) or re.search(r"^\[(\d+)\] .*loss=", line)
+            if m:
+                self.step = int(m.group(1))
+
+    def wait_for_step(self, step: int, timeout: float = 300) -> None:
+        end = time.time() + timeout
+        while self.step < step and self.proc.poll() is None and time.time() < end:
+            time.sleep(0.05)
+        assert self.step >= step, "".join(self.lines[-40:])
+
+    def finish(self, timeout: float) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        finally:
+            self.proc.kill()
+        self._reader.join(timeout=10)
+        return rc
+
+
+def _two_processes(workdir, data_dir, num_steps=NUM_STEPS):
+    port = _free_port()
+    return [
+        _Run(_train_cmd(workdir, data_dir, f"--config.train.num_steps={num_steps}",
+                        "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
+                        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                        f"--process_id={i}"),
+             _subprocess_env(1))
+        for i in range(2)
+    ]
+
+
+def _restore(workdir, step=None):
+    config = tiny_config()
+    model = create_model(config.model, num_classes=6)
+    tx, _ = optimizer_for(config, model)
+    mesh = sharding.create_mesh(jax.devices()[:1])
+    ckpt = Checkpointer(f"{workdir}/checkpoints", read_only=True)
+    state, _ = ckpt.restore(abstract_state(model, tx, mesh), config, step)
+    return jax.device_get(state)
+
+
+def _bitwise_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) and leaves_a
+    pairs = zip(leaves_a, leaves_b, strict=True)
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
+
+
+def test_sigterm_to_some_processes_stops_all_at_one_step(tiny_data_dir, tmp_path):
+    # 1. SIGTERM to process 1 only.
+    runs = _two_processes(tmp_path / "one", tiny_data_dir)
+    runs[1].wait_for_step(3)
+    t0 = time.time()
+    runs[1].proc.send_signal(signal.SIGTERM)
+    codes = [r.finish(EXIT_BOUND_S) for r in runs]
+    elapsed_one = time.time() - t0
+    assert codes == [0, 0], "".join(runs[0].lines[-30:] + runs[1].lines[-30:])
+    ckpt = Checkpointer(f"{tmp_path}/one/checkpoints", read_only=True)
+    stop = ckpt.latest_step()
+    assert ckpt.all_steps() == [stop] and 3 < stop < NUM_STEPS, ckpt.all_steps()
+    for r in runs:  # every process stopped at that step, after a notice it did not all receive
+        assert any(f"Stopped at step {stop} after a preemption notice" in x for x in r.lines)
+
+    # 2. SIGTERM to each process, at different steps.
+    runs = _two_processes(tmp_path / "each", tiny_data_dir)
+    runs[0].wait_for_step(2)
+    t0 = time.time()
+    runs[0].proc.send_signal(signal.SIGTERM)
+    runs[1].wait_for_step(runs[1].step + 2)
+    runs[1].proc.send_signal(signal.SIGTERM)
+    codes = [r.finish(EXIT_BOUND_S) for r in runs]
+    elapsed_each = time.time() - t0
+    assert codes == [0, 0], "".join(runs[0].lines[-30:] + runs[1].lines[-30:])
+    steps = Checkpointer(f"{tmp_path}/each/checkpoints", read_only=True).all_steps()
+    assert len(steps) == 1 and 2 < steps[0] < NUM_STEPS, steps
+    print(f"exit after the first SIGTERM: {elapsed_one:.1f} s (one), {elapsed_each:.1f} s (each)")
+
+    # 3. The first run resumed (two processes again) equals a straight run, bitwise.
+    for name in ("one", "straight"):
+        runs = _two_processes(tmp_path / name, tiny_data_dir)
+        assert [r.finish(400) for r in runs] == [0, 0], "".join(runs[0].lines[-30:])
+    resumed, straight = _restore(tmp_path / "one"), _restore(tmp_path / "straight")
+    assert int(resumed.step) == int(straight.step) == NUM_STEPS
+    assert _bitwise_equal(resumed, straight)
+
+
+def test_sigterm_during_final_validation_keeps_the_final_checkpoint(tiny_data_dir, tmp_path):
+    run = _Run(_train_cmd(tmp_path, tiny_data_dir, "--config.train.num_steps=4",
+                          "--config.train.checkpoint_every=1000", "--config.eval.max_batches=2"),
+               _subprocess_env(1))
+    end = time.time() + 300
+    while not any("Saving checkpoint of step 4" in x for x in run.lines):
+        assert run.proc.poll() is None and time.time() < end, "".join(run.lines[-30:])
+        time.sleep(0.02)
+    run.proc.send_signal(signal.SIGTERM)  # while the final save is written, or validation runs
+    assert run.finish(120) == 0, "".join(run.lines[-30:])
+    assert any("val_miou" in x for x in run.lines)
+    assert Checkpointer(f"{tmp_path}/checkpoints", read_only=True).all_steps() == [4]
