@@ -92,6 +92,7 @@ def train_config() -> ml_collections.ConfigDict:
     t.momentum = 0.9
     t.weight_decay = 1e-4  # not on BatchNorm parameters or biases
     t.bias_lr_mult = 2.0
+    t.norm_bias_lr_mult = 1.0  # BatchNorm biases' lr multiple (official EMANet: 2, as conv biases)
     t.log_every = 20
     t.eval_every = 2_000  # validation mIoU every N steps (0: only at the end)
     t.checkpoint_every = 1_000
@@ -137,10 +138,12 @@ def study_config() -> ml_collections.ConfigDict:
 
 def official_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The official EMANet code's training and evaluation details (docs/reproducing.md): loss
-    over every pixel of a crop, learning rate recomputed every 10 steps, images padded to the
-    next 8k + 1 at evaluation. The paper configs (voc, context, cocostuff) start from it."""
+    over every pixel of a crop, learning rate recomputed every 10 steps, BatchNorm biases at
+    2x lr, images padded to the next 8k + 1 at evaluation. The paper configs (voc, context,
+    cocostuff) start from it."""
     config.train.loss_normalization = "all_pixels"
     config.train.lr_update_every = 10
+    config.train.norm_bias_lr_mult = 2.0
     config.eval.padding = "official"
     return config
 

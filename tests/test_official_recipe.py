@@ -406,13 +406,52 @@ def test_learning_rate_updates_every_10_iterations_as_official():
     )
 
 
+def test_optimizer_matches_official_sgd_groups_and_schedule():
+    """train.py's SGD: group '1x' conv weights (weight decay), '1y' BatchNorm weights, '2x' the
+    biases of convs *and* BatchNorms at 2x lr; poly_lr_scheduler every LR_DECAY iterations."""
+    config = cfg.official_recipe(cfg.base_config())
+    train = config.train
+    train.update(dict(num_steps=25, learning_rate=0.1, weight_decay=0.01))
+    rng = np.random.default_rng(0)
+    params = {
+        "conv": {"kernel": rng.standard_normal((1, 1, 2, 3)), "bias": rng.standard_normal(3)},
+        "bn": {"scale": rng.standard_normal(2), "bias": rng.standard_normal(2)},
+    }
+    tx, _ = optim.make_optimizer(train, params)
+    opt_state = tx.init(params)
+    update = jax.jit(tx.update)
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in flax.traverse_util.flatten_dict(
+        params, sep="/").items()}  # fmt: skip
+    groups = [
+        {"params": [t["conv/kernel"]], "lr": 0.1, "weight_decay": 0.01},
+        {"params": [t["bn/scale"]], "lr": 0.1, "weight_decay": 0.0},
+        {"params": [t["conv/bias"], t["bn/bias"]], "lr": 0.2, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.SGD(groups, momentum=0.9)
+    for it in range(1, 26):
+        if not (it % 10 or it > 25):  # poly_lr_scheduler
+            new_lr = 0.1 * (1 - float(it) / 25) ** 0.9
+            for group, mult in zip(opt.param_groups, (1, 1, 2), strict=True):
+                group["lr"] = mult * new_lr
+        grads = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
+        updates, opt_state = update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        for name, g in flax.traverse_util.flatten_dict(grads, sep="/").items():
+            t[name].grad = torch.tensor(g)
+        opt.step()
+    for name, value in flax.traverse_util.flatten_dict(params, sep="/").items():
+        np.testing.assert_allclose(value, t[name].detach().numpy(), rtol=1e-5, err_msg=name)
+
+
 def test_paper_configs_use_the_official_recipe_and_the_demo_keeps_its_own():
     for name in ("voc", "context", "cocostuff"):
         config = cli.load_config_file(f"configs/{name}.py")
         assert (config.train.loss_normalization, config.train.lr_update_every,
-                config.eval.padding) == ("all_pixels", 10, "official")  # fmt: skip
+                config.train.norm_bias_lr_mult, config.eval.padding) == (
+                "all_pixels", 10, 2.0, "official")  # fmt: skip
         assert not config.model.freeze_unit_conv_in
         assert cli.load_config_file(f"configs/{name}.py:emanet").model.freeze_unit_conv_in
     demo = cli.load_config_file("configs/synthetic.py")
     assert (demo.train.loss_normalization, demo.train.lr_update_every,
-            demo.eval.padding) == ("valid_pixels", 1, "fixed")  # fmt: skip
+            demo.train.norm_bias_lr_mult, demo.eval.padding) == (
+            "valid_pixels", 1, 1.0, "fixed")  # fmt: skip

@@ -4,6 +4,8 @@ Parameter groups (EMANet's train.py):
   weight: conv and dense kernels      lr x 1,             weight decay
   bias:   conv and dense biases       lr x bias_lr_mult,  no weight decay
   norm:   BatchNorm scale and bias    lr x 1,             no weight decay
+          (with train.norm_bias_lr_mult != 1, the biases are their own group "norm_bias" at
+          that multiple: the official code's 2x group holds BatchNorm biases too)
   frozen: parameters under the prefixes the model names (`models.frozen_param_prefixes`):
           never updated, never decayed (EMANet's EM unit conv1, which gets no gradient)
 """
@@ -16,7 +18,7 @@ import flax
 import ml_collections
 import optax
 
-GROUPS = ("weight", "bias", "norm", "frozen")
+GROUPS = ("weight", "bias", "norm", "norm_bias", "frozen")
 
 
 def poly_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
@@ -41,10 +43,13 @@ def poly_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     return lambda step: poly((step + 1) // every * every)
 
 
-def param_groups(params: dict, frozen: Sequence[tuple[str, ...]] = ()) -> dict:
+def param_groups(
+    params: dict, frozen: Sequence[tuple[str, ...]] = (), norm_bias_group: bool = False
+) -> dict:
     """A tree like `params` with each leaf's group name: a leaf under a prefix in `frozen` is
     frozen; otherwise a leaf whose module also holds a `kernel` is a bias of a conv or dense
-    layer, and one whose module holds a `scale` is a norm's."""
+    layer, and one whose module holds a `scale` is a norm's (its bias in "norm_bias" when
+    norm_bias_group)."""
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
     names_in_module: dict[tuple, set[str]] = {}
     for path in flat:
@@ -60,7 +65,7 @@ def param_groups(params: dict, frozen: Sequence[tuple[str, ...]] = ()) -> dict:
         elif name == "kernel":
             groups[path] = "weight"
         elif "scale" in siblings:
-            groups[path] = "norm"
+            groups[path] = "norm_bias" if norm_bias_group and name == "bias" else "norm"
         elif name == "bias" and "kernel" in siblings:
             groups[path] = "bias"
         else:
@@ -87,7 +92,11 @@ def make_optimizer(
         "bias": sgd(train.bias_lr_mult, 0.0),
         "norm": sgd(1.0, 0.0),
     }
-    if frozen:  # only then, so that the optimiser state of other models keeps its structure
+    # Extra groups only when used, so that the optimiser state of other runs keeps its structure.
+    norm_bias_group = train.norm_bias_lr_mult != 1.0
+    if norm_bias_group:
+        transforms["norm_bias"] = sgd(train.norm_bias_lr_mult, 0.0)
+    if frozen:
         transforms["frozen"] = optax.set_to_zero()
-    tx = optax.multi_transform(transforms, param_groups(params, frozen))
+    tx = optax.multi_transform(transforms, param_groups(params, frozen, norm_bias_group))
     return tx, schedule
