@@ -110,9 +110,9 @@ def _nearest_source(n_in: tf.Tensor, n_out: tf.Tensor) -> tf.Tensor:
     return tf.minimum(src, n_in - 1)
 
 
-def official_padded_size(size: tf.Tensor, stride: int) -> tf.Tensor:
+def official_padded_size(size: tf.Tensor | int, stride: int) -> tf.Tensor | int:
     """EMANet's `pad_inf`: size + (stride + 1 - size % stride) % stride, the smallest size >= it
-    with size % stride == 1 (375 -> 377, 500 -> 505 at stride 8)."""
+    with size % stride == 1 (375 -> 377, 500 -> 505 at stride 8); a tensor or a Python int."""
     return size + (stride + 1 - size % stride) % stride
 
 
