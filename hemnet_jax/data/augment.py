@@ -76,38 +76,22 @@ def scale_example(
     image: tf.Tensor, label: tf.Tensor, scale: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """EMANet's random-scale step: image [H, W, C] float bilinear (align_corners=True), label
-    [H, W, ...] nearest, both to floor(H s) x floor(W s) (at least 1), as
-    `F.interpolate(..., scale_factor=s)` of the official dataset.py."""
+    [H, W, 1] nearest, both to floor(H s) x floor(W s) (at least 1), as
+    `F.interpolate(..., scale_factor=s)` of the official dataset.py.
+
+    TensorFlow's legacy resize kernels compute exactly these rules in float32: bilinear with
+    align_corners reads input o (in - 1) / (out - 1); nearest without half-pixel centres reads
+    min(floor(o * in / out), in - 1), PyTorch's `nearest` before 1.6.
+    """
     size = tf.shape(image)[:2]
     scaled = tf.maximum(tf.cast(tf.floor(tf.cast(size, tf.float32) * scale), tf.int32), 1)
-    rows, cols = (_bilinear_taps(size[i], scaled[i]) for i in (0, 1))
-    image = _lerp(tf.gather(image, rows[0]), tf.gather(image, rows[1]), rows[2][:, None, None])
-    image = _lerp(
-        tf.gather(image, cols[0], axis=1), tf.gather(image, cols[1], axis=1), cols[2][:, None]
-    )
-    label = tf.gather(tf.gather(label, _nearest_source(size[0], scaled[0])),
-                      _nearest_source(size[1], scaled[1]), axis=1)  # fmt: skip
+    image = tf.raw_ops.ResizeBilinear(
+        images=image[None], size=scaled, align_corners=True, half_pixel_centers=False
+    )[0]
+    label = tf.raw_ops.ResizeNearestNeighbor(
+        images=label[None], size=scaled, align_corners=False, half_pixel_centers=False
+    )[0]
     return image, label
-
-
-def _bilinear_taps(n_in: tf.Tensor, n_out: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """align_corners=True in float32 as PyTorch: output o reads src = o (in - 1) / (out - 1)
-    (0 when out == 1) between inputs floor(src) and floor(src) + 1 (clamped), weight frac(src)."""
-    ratio = tf.cast(n_in - 1, tf.float32) / tf.cast(tf.maximum(n_out - 1, 1), tf.float32)
-    src = tf.cast(tf.range(n_out), tf.float32) * tf.where(n_out > 1, ratio, 0.0)
-    lo = tf.cast(tf.floor(src), tf.int32)
-    return lo, tf.minimum(lo + 1, n_in - 1), src - tf.cast(lo, tf.float32)
-
-
-def _lerp(a: tf.Tensor, b: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
-    return (1.0 - t) * a + t * b
-
-
-def _nearest_source(n_in: tf.Tensor, n_out: tf.Tensor) -> tf.Tensor:
-    """PyTorch's `nearest` (< 1.6): output o reads min(floor(o * (in / out)), in - 1), float32."""
-    ratio = tf.cast(n_in, tf.float32) / tf.cast(n_out, tf.float32)
-    src = tf.cast(tf.floor(tf.cast(tf.range(n_out), tf.float32) * ratio), tf.int32)
-    return tf.minimum(src, n_in - 1)
 
 
 def official_padded_size(size: tf.Tensor | int, stride: int) -> tf.Tensor | int:
