@@ -172,6 +172,7 @@ RULES: dict[str, Rule] = {
     "train.weight_decay": number(0),
     "train.bias_lr_mult": number(0),
     "train.lr_update_every": integer(1),
+    "train.norm_bias_lr_mult": number(0),
     "train.loss_normalization": choice("valid_pixels", "all_pixels"),
     "train.log_every": integer(1),
     "train.eval_every": integer(0),
