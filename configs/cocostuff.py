@@ -8,7 +8,7 @@ from hemnet_jax import config as cfg
 
 
 def get_config(arg: str = ""):
-    config = cfg.base_config()
+    config = cfg.official_recipe(cfg.base_config())
     config.data.name = "coco_stuff10k"
     config.data.eval_pad_size = 640
     config.model.step_size = 0.6

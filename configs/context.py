@@ -8,6 +8,6 @@ from hemnet_jax import config as cfg
 
 
 def get_config(arg: str = ""):
-    config = cfg.base_config()
+    config = cfg.official_recipe(cfg.base_config())
     config.data.name = "pascal_context"
     return cfg.apply_variants(config, arg, cfg.VARIANTS, "configs/context.py")

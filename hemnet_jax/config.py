@@ -41,6 +41,9 @@ def model_config() -> ml_collections.ConfigDict:
     m.stop_em_gradient = False
     m.bases_momentum = 0.9
     m.remat = False  # jax.checkpoint around each HEM iteration
+    # The unit's first 1x1 conv held at its initialisation (bias: PyTorch's default U(+-1/sqrt(C)))
+    # and left out of the optimiser, as EMANet's no_grad EM loop leaves it. True in `emanet`.
+    m.freeze_unit_conv_in = False
     # Normalisation and precision.
     m.bn_momentum = 0.9997  # Flax convention: EMANet's BN_MOM = 3e-4 in PyTorch's (1 - m)
     m.bn_epsilon = 1e-5
@@ -50,11 +53,12 @@ def model_config() -> ml_collections.ConfigDict:
 
 def emanet(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The EMANet baseline as a config of HEMNet: eta = 1, temperature 1, L2-normalised bases,
-    gradient-free EM."""
+    gradient-free EM, the unit's first conv frozen (as the official code leaves it)."""
     m.step_size = 1.0
     m.temperature = 1.0
     m.l2_normalize = True
     m.stop_em_gradient = True
+    m.freeze_unit_conv_in = True
     return m
 
 
@@ -81,9 +85,14 @@ def train_config() -> ml_collections.ConfigDict:
     t.num_steps = 30_000
     t.learning_rate = 0.009
     t.lr_power = 0.9  # poly: lr * (1 - step / num_steps) ** power
+    t.lr_update_every = 1  # N: the poly rate recomputed every N steps (official EMANet: 10)
+    # "valid_pixels": mean cross-entropy over the non-ignored pixels of the batch; "all_pixels"
+    # (official EMANet): per crop, the sum over its valid pixels / all its pixels, then batch mean.
+    t.loss_normalization = "valid_pixels"
     t.momentum = 0.9
     t.weight_decay = 1e-4  # not on BatchNorm parameters or biases
     t.bias_lr_mult = 2.0
+    t.norm_bias_lr_mult = 1.0  # BatchNorm biases' lr multiple (official EMANet: 2, as conv biases)
     t.log_every = 20
     t.eval_every = 2_000  # validation mIoU every N steps (0: only at the end)
     t.checkpoint_every = 1_000
@@ -106,6 +115,11 @@ def eval_config() -> ml_collections.ConfigDict:
     e.flip = True  # with multi_scale
     e.max_batches = 0  # evaluate only this many batches (0: the whole split)
     e.basis_diagnostics = True  # bases/* diagnostics over the split (one more forward pass)
+    # "fixed": every image padded to data.eval_pad_size (one compiled shape, batches of
+    # eval.batch_size), the padding masked out of the HEM unit; "official" (EMANet's eval.py):
+    # each image padded to the next size with size % output_stride == 1, one image at a time,
+    # one compile per distinct padded shape.
+    e.padding = "fixed"
     return e
 
 
@@ -120,6 +134,18 @@ def study_config() -> ml_collections.ConfigDict:
     s.train_mode = True  # BatchNorm on batch statistics (+ fixed dropout) as in a training step
     s.checkpoint_step = ml_collections.config_dict.placeholder(int)  # None: the latest
     return s
+
+
+def official_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The official EMANet code's training and evaluation details (docs/reproducing.md): loss
+    over every pixel of a crop, learning rate recomputed every 10 steps, BatchNorm biases at
+    2x lr, images padded to the next 8k + 1 at evaluation. The paper configs (voc, context,
+    cocostuff) start from it."""
+    config.train.loss_normalization = "all_pixels"
+    config.train.lr_update_every = 10
+    config.train.norm_bias_lr_mult = 2.0
+    config.eval.padding = "official"
+    return config
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -4,6 +4,9 @@ Notation follows the HEMNet paper (Song, Kim, Shim, AAAI 2021), sections 3-4:
   x:     [..., N, C]  features, one row per pixel (N = H * W)
   mu:    [..., K, C]  Gaussian bases (means of an isotropic GMM without mixing weights)
   gamma: [..., N, K]  responsibilities (attention maps), rows sum to one over K
+  mask:  [..., N]     optional validity of each row of x (True: a real pixel). Masked-out rows
+                      (padding) take no part in the M-step's sums, so the bases are those of the
+                      valid rows alone; their gamma is 0.
 
 Every function is batched over any leading axes ("...") that x, mu and gamma share (or broadcast).
 Nothing here holds state: the Flax wiring lives in `hemnet_jax.models.hem_unit`.
@@ -59,33 +62,44 @@ def e_step(x: jax.Array, mu: jax.Array, temperature: float, kernel: Kernel = "do
     return jax.nn.softmax(logits, axis=-1).astype(dot.dtype)
 
 
-def m_step(x: jax.Array, gamma: jax.Array) -> jax.Array:
+def mask_responsibilities(gamma: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """gamma [..., N, K] with the rows of masked-out positions (mask [..., N] False) set to 0."""
+    if mask is None:
+        return gamma
+    return jnp.where(mask[..., None], gamma, jnp.zeros((), gamma.dtype))
+
+
+def m_step(x: jax.Array, gamma: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """M-step of plain EM: F_EM(mu, X)_k = (1 / N_k) sum_n gamma_nk x_n   (eq. 5 / eq. 9).
 
     N_k = sum_n gamma_nk is guarded by EPS (empty bases stay finite), as in EMANet's code.
+    With a mask, both sums run over the valid positions only.
 
     Args:
-      x: [..., N, C]. gamma: [..., N, K].
+      x: [..., N, C]. gamma: [..., N, K]. mask: [..., N] bool, or None (every position).
     Returns:
       mu: [..., K, C].
     """
     dtype = _accum_dtype(x, gamma)
+    gamma = mask_responsibilities(gamma, mask)
     n_k = jnp.sum(gamma.astype(dtype), axis=-2)  # [..., K]
     gamma_bar = gamma.astype(dtype) / (EPS + n_k[..., None, :])  # eq. 9's normalised gamma
     return jnp.einsum("...nk,...nc->...kc", gamma_bar, x.astype(dtype))
 
 
-def n_step(x: jax.Array, gamma: jax.Array, mu: jax.Array, step_size: float) -> jax.Array:
+def n_step(
+    x: jax.Array, gamma: jax.Array, mu: jax.Array, step_size: float, mask: jax.Array | None = None
+) -> jax.Array:
     """N-step (Newton-Raphson step on Q), eq. 13: mu <- (1 - eta) mu + eta F_EM(mu, X).
 
     step_size = eta in (0, 1]; eta = 1 recovers the M-step exactly.
 
     Args:
-      x: [..., N, C]. gamma: [..., N, K]. mu: [..., K, C].
+      x: [..., N, C]. gamma: [..., N, K]. mu: [..., K, C]. mask: [..., N] bool or None.
     Returns:
       mu: [..., K, C].
     """
-    f_em = m_step(x, gamma)
+    f_em = m_step(x, gamma, mask)
     return (1.0 - step_size) * mu.astype(f_em.dtype) + step_size * f_em
 
 
@@ -115,6 +129,7 @@ def hem_iteration(
     l2_normalize: bool = False,
     stop_e_step_gradient: bool = False,
     x_n: jax.Array | None = None,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One HEM layer (Fig. 2): E-step with mu^(t), then N-step.
 
@@ -124,13 +139,15 @@ def hem_iteration(
         of eq. 15 and 18: only the N-step's paths carry gradient).
       x_n: the N-step's own copy of x (default: x). Equal in value; a separate input so that
         gradients reaching X through this layer's E-step and N-step can be told apart (eq. 17).
+      mask: [..., N] bool, or None: positions that take part in the M-step (see the module
+        docstring); gamma is 0 on the others.
     Returns:
       (mu^(t+1) [..., K, C], gamma^(t+1) [..., N, K]).
     """
-    gamma = e_step(x, mu, temperature, kernel)
+    gamma = mask_responsibilities(e_step(x, mu, temperature, kernel), mask)
     if stop_e_step_gradient:
         gamma = jax.lax.stop_gradient(gamma)
-    mu = n_step(x if x_n is None else x_n, gamma, mu, step_size)
+    mu = n_step(x if x_n is None else x_n, gamma, mu, step_size, mask)
     if l2_normalize:
         mu = l2_normalize_bases(mu)
     return mu, gamma
@@ -150,6 +167,7 @@ def unrolled_hem(
     stop_e_step_gradient: bool = False,
     remat: bool = False,
     layer_offsets: tuple[jax.Array, jax.Array] | None = None,
+    mask: jax.Array | None = None,
 ):
     """T unrolled HEM iterations (E-step then N-step), eq. 13-14, with `jax.lax.scan`.
 
@@ -170,6 +188,8 @@ def unrolled_hem(
         x + e_offsets[t] and its N-step x + n_offsets[t]. With zeros, the values are unchanged
         and the gradients w.r.t. the offsets are the per-layer contributions to the gradient
         w.r.t. X, which sum to it (eq. 16-17).
+      mask: [..., N] bool, or None: only these positions enter the M-step's sums, so a padded
+        input with its mask gives the bases of the unpadded input (gamma is 0 on padding).
     Returns:
       (mu_T [..., K, C], gamma_T [..., N, K]); with return_history also
       mu_history [T, ..., K, C] and gamma_history [T, ..., N, K], entry t after iteration t + 1.
@@ -190,6 +210,7 @@ def unrolled_hem(
         kernel=kernel,
         l2_normalize=l2_normalize,
         stop_e_step_gradient=stop_e_step_gradient,
+        mask=mask,
     )
     if remat:
         step = jax.checkpoint(step)

@@ -351,7 +351,7 @@ def test_result_file_names_encode_every_setting_that_changes_the_numbers():
         ({"multi_scale": True, "scales": (0.75, 1.0, 1.25)}, [3], False),
         ({"multi_scale": True, "scales": (0.75, 1.0, 1.25), "flip": False}, [3], False),
         ({}, [4], False), ({}, [1, 2], True), ({}, [1, 2, 3], True),
-        ({"max_batches": 2}, [3], False),
+        ({"max_batches": 2}, [3], False), ({"padding": "official"}, [3], False),
     ]
     names = []
     for update, iters, sweep in settings:

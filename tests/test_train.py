@@ -268,8 +268,11 @@ def test_two_processes_agree_with_one(tiny_data_dir, tmp_path):
     assert int(restored.step) == 2
     # What training changed must agree. Measured: 2.4e-3 (params), 6e-6 (statistics), 5e-7
     # (bases) of the change; batches from another data seed left 1.3, 0.12, 0.04 (3 steps, dropout).
+    # With the official training resize (issue 13) the crops differ and params measured 3.8e-2
+    # (the same code with the previous resize: under 2e-2), while the loss of both steps agrees
+    # to 1e-5: rounding amplified by this network on other crops, far below a sharding error.
     state = jax.device_get(state)
-    for name, tolerance in (("params", 2e-2), ("batch_stats", 1e-3), ("bases", 1e-3)):
+    for name, tolerance in (("params", 6e-2), ("batch_stats", 1e-3), ("bases", 1e-3)):
         change_mp = _flat(getattr(restored, name)) - _flat(getattr(initial, name))
         change_ref = _flat(getattr(state, name)) - _flat(getattr(initial, name))
         relative = np.linalg.norm(change_mp - change_ref) / np.linalg.norm(change_ref)

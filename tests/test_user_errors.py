@@ -95,6 +95,8 @@ def test_rules_name_what_the_code_accepts():
                                                               1e-3),
     ("eval.num_iters_sweep", "1,x", "1,2, 4"), ("data.scales", (), (1.0,)),
     ("model.kernel", "gauss", "rbf"), ("model.pretrained", "$UNSET_HEMNET_VAR/w.pth", ""),
+    ("eval.padding", "offical", "official"), ("train.loss_normalization", "all", "all_pixels"),
+    ("train.lr_update_every", 0, 10), ("train.norm_bias_lr_mult", -1.0, 2.0),
 ])
 def test_a_value_outside_its_rule_is_named_with_the_allowed_range(key, bad, good):
     config = tiny_config()

@@ -7,6 +7,7 @@ process's stream is augmented with stateless random ops seeded by (seed, p), so 
 not depend on parallelism, and `start_step` resumes it exactly, skipping whole epochs
 arithmetically and the rest of an epoch before decoding.
 
+Images are decoded as PIL decodes them (`decode.py`), as the official EMANet code does.
 TensorFlow never sees an accelerator (see `tf_devices.py`).
 """
 
@@ -18,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from hemnet_jax.data.augment import DEFAULT_SCALES, eval_pad, train_augment
 from hemnet_jax.data.classes import IGNORE_LABEL
+from hemnet_jax.data.decode import decode_rgb
 from hemnet_jax.data.prepare import prepare_dataset
 from hemnet_jax.data.tf_devices import hide_accelerators_from_tensorflow
 
@@ -98,7 +100,7 @@ def make_train_dataset(
     features = builder.info.features
 
     def preprocess(position: tf.Tensor, record: dict) -> dict:
-        image = features["image"].decode_example(record["image"])
+        image = decode_rgb(record["image"])
         label = features["label"].decode_example(record["label"])
         seed_pair = tf.stack([tf.constant(augment_key, tf.int64), position])
         return train_augment(image, label, seed_pair, crop_size=crop, scales=scales, flip=flip)
@@ -120,18 +122,26 @@ def make_eval_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int | None = None,
+    pad_stride: int | None = None,
 ) -> tuple[tf.data.Dataset, int]:
     """This process's share of a split: whole images, padded, every real pixel once overall.
 
     Every process yields the same number of batches (multi-host steps must match); the last are
     completed with padding examples (label all 255, height = width = 0). Nothing is dropped.
+    With pad_stride (the official evaluation), each image is padded to its own
+    `augment.official_padded_size` instead, one image per batch; a process then yields its own
+    shard only (no padding examples: each process evaluates alone, see
+    `evaluation.validation`) and num_batches is its number of images.
 
     Args:
       name, split, data_dir, manual_dir, process_index, process_count, num_threads: as in
         make_train_dataset.
       per_process_batch_size: examples per batch on this process.
       pad_size: every image is padded at the bottom and right to this (height, width); None =
-        the largest image of the split (one pass over the labels to find it).
+        the largest image of the split (one pass over the labels to find it). Unused with
+        pad_stride.
+      pad_stride: pad each image to the next size with size % pad_stride == 1 (the output
+        stride); per_process_batch_size must then be 1.
 
     Returns:
       (dataset, num_batches). Batches: {"image": float32 [B, PH, PW, 3] normalised, 0 in
@@ -147,11 +157,30 @@ def make_eval_dataset(
     shard = tfds.split_for_jax_process(split, process_index=index, process_count=count)
     num_examples = builder.info.splits[shard].num_examples
     largest_shard = -(-total // count)  # even splits: the first shards hold one more
+    decoders = {"image": tfds.decode.SkipDecoding()}
+
+    def decoded(example: dict) -> dict:
+        return {**example, "image": decode_rgb(example["image"])}
+
+    if pad_stride is not None:
+        if per_process_batch_size != 1:
+            raise ValueError("Official evaluation padding evaluates one image at a time.")
+        ds = builder.as_dataset(
+            split=shard, shuffle_files=False, decoders=decoders,
+            read_config=tfds.ReadConfig(try_autocache=False),
+        )
+        ds = ds.map(
+            lambda ex: eval_pad(**_eval_fields(decoded(ex)), pad_stride=pad_stride),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+        )
+        ds = ds.batch(1).apply(tf.data.experimental.assert_cardinality(num_examples))
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads)), num_examples
+
     num_batches = -(-largest_shard // per_process_batch_size)
     pad = _pair(pad_size, "pad_size") if pad_size is not None else max_image_size(builder, split)
 
     def preprocess(example: dict) -> dict:
-        return eval_pad(example["image"], example["label"], example["id"], pad_size=pad)
+        return eval_pad(**_eval_fields(decoded(example)), pad_size=pad)
 
     padding = tf.data.Dataset.from_tensors(_padding_example(pad))
     padding = padding.repeat(num_batches * per_process_batch_size - num_examples)
@@ -159,7 +188,8 @@ def make_eval_dataset(
         # No TFDS auto-cache: each validation builds its dataset anew, so a cache is never
         # reused, and a partial read (eval.max_batches) makes tf.data warn about it.
         ds = builder.as_dataset(
-            split=shard, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
+            split=shard, shuffle_files=False, decoders=decoders,
+            read_config=tfds.ReadConfig(try_autocache=False),
         )
         ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.concatenate(padding)
@@ -178,6 +208,10 @@ def max_image_size(builder: tfds.core.DatasetBuilder, split: str) -> tuple[int, 
     sizes = ds.map(lambda ex: tf.shape(ex["label"])[:2], num_parallel_calls=tf.data.AUTOTUNE)
     largest = sizes.reduce(tf.zeros([2], tf.int32), tf.maximum).numpy()
     return int(largest[0]), int(largest[1])
+
+
+def _eval_fields(example: dict) -> dict:
+    return {"image": example["image"], "label": example["label"], "example_id": example["id"]}
 
 
 def _padding_example(pad_size: tuple[int, int]) -> dict[str, tf.Tensor]:

@@ -124,11 +124,13 @@ def read_id_list(path: Path) -> list[str]:
     return list(dict.fromkeys(i for i in ids if i))
 
 
-def read_image(path: Path) -> tuple[bytes | np.ndarray, tuple[int, int]]:
-    """An RGB image file, checked to decode; returns (what to store, (height, width)).
+def read_image(path: Path) -> tuple[bytes, tuple[int, int]]:
+    """An RGB image file, checked to decode; returns (the bytes to store, (height, width)).
 
-    JPEG and PNG files in RGB or grayscale are stored as they are (their bytes); any other
-    (CMYK JPEG, RGBA or palette PNG, other formats) is converted to an RGB uint8 [H, W, 3] array.
+    JPEG and PNG files in RGB or grayscale are stored as they are (their bytes; the pipeline
+    decodes JPEGs exactly as PIL does, `decode.py`); any other (CMYK JPEG, RGBA or palette
+    PNG, other formats) is converted to RGB by PIL, as the official EMANet code reads images,
+    and stored as a PNG: losslessly, so the pipeline sees PIL's conversion pixel for pixel.
 
     Raises:
       InvalidExampleError: the file is corrupt, truncated or not an image.
@@ -143,7 +145,9 @@ def read_image(path: Path) -> tuple[bytes | np.ndarray, tuple[int, int]]:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidExampleError(f"corrupt or unreadable image {path}: {e}") from e
     if converted is not None:
-        return converted, converted.shape[:2]
+        png = io.BytesIO()
+        Image.fromarray(converted).save(png, format="PNG")
+        return png.getvalue(), converted.shape[:2]
     try:  # TensorFlow's decoder is the one the input pipeline uses: it must accept the file.
         shape = tf.io.decode_image(data, channels=3, expand_animations=False).shape
     except tf.errors.OpError as e:

@@ -8,8 +8,10 @@ For each image `PHOTOS/NAME.EXT` (jpg, png, bmp, gif, tif, webp; not recursive) 
 what VOC's SegmentationClass files are), and `OUT/NAME_overlay.png`, the image blended with the
 colours. The predictor is the one `config.eval` asks for (single scale by default, MS + flip with
 `eval.multi_scale`), with T_eval = `eval.num_iters`. Images are normalised as in evaluation and
-padded at the bottom/right to `data.eval_pad_size` (larger images to their size rounded up to a
-multiple of 32; each new canvas size compiles once). One device, one image at a time.
+padded at the bottom/right as `eval.padding` says: "fixed", to `data.eval_pad_size` (larger
+images to their size rounded up to a multiple of 32), the padding masked out of the HEM unit;
+"official", to the next size with size % output_stride == 1. Each new canvas size compiles
+once. One device, one image at a time.
 """
 
 from __future__ import annotations
@@ -108,10 +110,15 @@ def make_segmenter(
     """A function uint8 RGB [H, W, 3] -> class indices uint8 [H, W], on one device."""
     predictor = predictors.make_predictor(model, config.eval, num_iters=config.eval.num_iters)
     classify = jax.jit(lambda v, batch: jnp.argmax(predictor(v, batch), axis=-1))
+    official = predictors.padding_mode(config.eval) == "official"
 
     def segment(rgb: np.ndarray) -> np.ndarray:
         height, width = rgb.shape[:2]
-        ph, pw = canvas_size(height, width, config.data.eval_pad_size)
+        if official:
+            ph, pw = (augment.official_padded_size(n, config.model.output_stride)
+                      for n in (height, width))  # fmt: skip
+        else:
+            ph, pw = canvas_size(height, width, config.data.eval_pad_size)
         image = np.zeros((1, ph, pw, 3), np.float32)  # 0 = the mean colour, as the pipeline pads
         image[0, :height, :width] = normalize(rgb)
         batch = {"image": image, "height": np.array([height], np.int32),

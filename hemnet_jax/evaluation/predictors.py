@@ -24,6 +24,7 @@ Predictors map (variables, batch) to softmax probabilities [B, PH, PW, K]:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from hemnet_jax.evaluation import metrics
@@ -42,18 +44,38 @@ Predictor = Callable[[dict, Batch], jax.Array]  # (variables, batch) -> probabil
 _HIGHEST = jax.lax.Precision.HIGHEST  # exact float32 resampling (TPU would round to bf16)
 
 
-def single_scale_predictor(model: nn.Module, *, num_iters: int | None = None) -> Predictor:
-    """Softmax probabilities [B, PH, PW, K] of one forward pass over the canvas."""
+def single_scale_predictor(
+    model: nn.Module, *, num_iters: int | None = None, masked: bool = False
+) -> Predictor:
+    """Softmax probabilities [B, PH, PW, K] of one forward pass over the canvas.
+
+    masked: the model gets each example's real region (`valid_mask` of the batch's "height" and
+    "width"), so the canvas's padding stays out of the HEM unit (eval.padding = "fixed").
+    """
 
     def predict(variables: dict, batch: Batch) -> jax.Array:
-        logits = model.apply(variables, batch["image"], train=False, num_iters=num_iters)["logits"]
-        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        images = batch["image"]
+        extra = {"valid": valid_mask(batch, images.shape[1:3])} if masked else {}
+        logits = model.apply(variables, images, train=False, num_iters=num_iters, **extra)
+        return jax.nn.softmax(logits["logits"].astype(jnp.float32), axis=-1)
 
     return predict
 
 
+def valid_mask(batch: Batch, canvas: tuple[int, int]) -> jax.Array:
+    """[B, PH, PW] bool: True on each example's real top-left height x width pixels."""
+    rows = jnp.arange(canvas[0])[None, :, None] < jnp.asarray(batch["height"])[:, None, None]
+    cols = jnp.arange(canvas[1])[None, None, :] < jnp.asarray(batch["width"])[:, None, None]
+    return rows & cols
+
+
 def multi_scale_predictor(
-    model: nn.Module, *, scales: Sequence[float], flip: bool, num_iters: int | None = None
+    model: nn.Module,
+    *,
+    scales: Sequence[float],
+    flip: bool,
+    num_iters: int | None = None,
+    masked: bool = False,
 ) -> Predictor:
     """Mean softmax probabilities [B, PH, PW, K] over `scales` (x {plain, left-right flipped}).
 
@@ -64,7 +86,7 @@ def multi_scale_predictor(
     if not scales or min(scales) <= 0:
         raise ValueError(f"eval.scales must be positive numbers, got {scales}.")
     views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
-    forward = single_scale_predictor(model, num_iters=num_iters)
+    forward = single_scale_predictor(model, num_iters=num_iters, masked=masked)
 
     def predict(variables: dict, batch: Batch) -> jax.Array:
         images = batch["image"]
@@ -94,12 +116,25 @@ def multi_scale_predictor(
 def make_predictor(
     model: nn.Module, eval_config: ml_collections.ConfigDict, *, num_iters: int | None = None
 ) -> Predictor:
-    """The predictor `config.eval` asks for: SS, or MS (+ flip) when `eval.multi_scale`."""
+    """The predictor `config.eval` asks for: SS, or MS (+ flip) when `eval.multi_scale`;
+    masked (the padding kept out of the HEM unit) unless `eval.padding` is "official"."""
+    masked = padding_mode(eval_config) == "fixed"
     if not eval_config.multi_scale:
-        return single_scale_predictor(model, num_iters=num_iters)
+        return single_scale_predictor(model, num_iters=num_iters, masked=masked)
     return multi_scale_predictor(
-        model, scales=eval_config.scales, flip=eval_config.flip, num_iters=num_iters
+        model, scales=eval_config.scales, flip=eval_config.flip, num_iters=num_iters,
+        masked=masked,
     )
+
+
+PADDINGS = ("fixed", "official")
+
+
+def padding_mode(eval_config: ml_collections.ConfigDict) -> str:
+    """`eval.padding`, checked: "fixed" or "official"."""
+    if eval_config.padding not in PADDINGS:
+        raise ValueError(f"eval.padding must be one of {PADDINGS}, got {eval_config.padding!r}.")
+    return eval_config.padding
 
 
 def mode_name(eval_config: ml_collections.ConfigDict) -> str:
@@ -169,32 +204,55 @@ def _scaled(size, scale: float):
 # The step and the loop.
 
 
-def make_eval_step(predict: Predictor, num_classes: int, mesh: Mesh) -> Callable:
-    """jit((variables, batch) -> confusion [K, K] int32), batch sharded, result replicated."""
+def make_eval_step(predict: Predictor, num_classes: int, mesh: Mesh | None) -> Callable:
+    """jit((variables, batch) -> confusion [K, K] int32), batch sharded, result replicated;
+    mesh None: a plain jit on the device of its inputs (one image of the official padding; each
+    new shape compiles anew)."""
 
     def step(variables: dict, batch: Batch) -> jax.Array:
         predictions = jnp.argmax(predict(variables, batch), axis=-1)
         return metrics.confusion_matrix(batch["label"], predictions, num_classes)
 
+    if mesh is None:
+        return jax.jit(step)
     return jax.jit(step, out_shardings=sharding.replicated(mesh))
 
 
 def accumulate_confusion(
-    eval_step: Callable, variables: dict, batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
-    num_classes: int,
+    eval_step: Callable, variables: dict, batches: Iterable[Mapping[str, np.ndarray]],
+    mesh: Mesh | None, num_classes: int,
 ) -> np.ndarray:
     """Sums the step's matrices over `batches` (this process's shards) in int64 on the host.
 
     The next batch is dispatched before the previous matrix is fetched, so the host never waits
-    on the device between batches.
+    on the device between batches. mesh None (the official padding's per-image steps): each
+    batch goes to this process's first device as it is; the distinct shapes are logged.
     """
     total = np.zeros((num_classes, num_classes), np.int64)
     pending = None
+    shapes = set()
     for local in batches:
-        current = eval_step(variables, sharding.global_batch(local, mesh))
+        if mesh is None:
+            shapes.add(local["image"].shape)
+            arrays = {k: v for k, v in local.items() if v.dtype.kind not in "OSU"}  # no ids
+            current = eval_step(variables, jax.device_put(arrays, jax.local_devices()[0]))
+        else:
+            current = eval_step(variables, sharding.global_batch(local, mesh))
         if pending is not None:
             total += np.asarray(pending)
         pending = current
     if pending is not None:
         total += np.asarray(pending)
+    if shapes:
+        logging.info("Evaluated %d distinct padded shapes (one compile each).", len(shapes))
     return total
+
+
+def sum_over_processes(confusion: np.ndarray) -> np.ndarray:
+    """The sum of every process's int64 matrix (each evaluated its own images), on all.
+    Gathered as two int32 halves (JAX without x64 has no int64), so the counts stay exact."""
+    if jax.process_count() == 1:
+        return confusion
+    halves = np.stack([confusion >> 30, confusion & (2**30 - 1)]).astype(np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(halves), np.int64).sum(axis=0)
+    return (gathered[0] << 30) + gathered[1]

@@ -111,7 +111,8 @@ def result_file_name(step: int, eval_config: ml_collections.ConfigDict, iters: l
     a file: step, scales (with flip), T_eval (or the sweep), padding and a partial split.
 
     E.g. step3000_ss_T3.json, step3000_ms0.75-1-1.25_flip_T3.json, step3000_ss_T1-2-4.json,
-    step3000_ss_T3_first2batches.json.
+    step3000_ss_T3_first2batches.json, step3000_ss_T3_padofficial.json (eval.padding
+    "official"; "fixed" adds nothing).
     """
     parts = [f"step{step}"]
     if eval_config.multi_scale:
@@ -122,7 +123,7 @@ def result_file_name(step: int, eval_config: ml_collections.ConfigDict, iters: l
         parts.append("ss")
     parts.append("T" + "-".join(str(t) for t in iters) if sweep else f"T{iters[0]}")
     padding = eval_config.get("padding")
-    if padding:
+    if padding and padding != "fixed":
         parts.append(f"pad{padding}")
     if eval_config.max_batches:
         parts.append(f"first{eval_config.max_batches}batches")

@@ -9,7 +9,9 @@ from hemnet_jax.models.hem_unit import HEMUnit
 from hemnet_jax.models.hemnet import HEMNet
 from hemnet_jax.models.resnet import ResNet, stage_sizes
 
-__all__ = ["HEMNet", "HEMUnit", "ResNet", "create_backbone", "create_model"]
+__all__ = [
+    "HEMNet", "HEMUnit", "ResNet", "create_backbone", "create_model", "frozen_param_prefixes",
+]
 
 
 def create_backbone(
@@ -27,6 +29,13 @@ def create_backbone(
         dtype=jnp.dtype(model_config.dtype),
         axis_name=axis_name,
     )
+
+
+def frozen_param_prefixes(model_config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:
+    """Paths (prefixes) in `create_model`'s params that the optimiser must leave untouched: the
+    HEM unit's first conv when `model.freeze_unit_conv_in` (EMANet's conv1, which its no_grad EM
+    loop leaves without gradient, so SGD neither updates nor decays it)."""
+    return (("hem", "conv_in"),) if model_config.freeze_unit_conv_in else ()
 
 
 def create_model(
@@ -52,6 +61,7 @@ def create_model(
         dtype=dtype,
         axis_name=axis_name,
         remat=model_config.remat,
+        frozen_conv_in=model_config.freeze_unit_conv_in,
     )
     return HEMNet(
         backbone=create_backbone(model_config, axis_name=axis_name),

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from hemnet_jax import hem
-from hemnet_jax.models.layers import Conv1x1
+from hemnet_jax.models.layers import Conv1x1, torch_default_bias_init
 
 BASES = "bases"  # the collection holding mu0
 INTERMEDIATES = "intermediates"
@@ -50,6 +50,10 @@ class HEMUnit(nn.Module):
         statistics and the bases' batch mean are averaged. Under jit with a sharded batch (the
         way train.py runs) leave it None: the mean is over the global batch already.
       remat: recompute each HEM iteration in the backward pass (saves memory).
+      frozen_conv_in: the first conv is not trained (the optimiser freezes it, see
+        `models.frozen_param_prefixes`), as in EMANet, whose EM loop under no_grad leaves it
+        without gradient: its bias then starts as PyTorch's default, U(-1/sqrt(C), 1/sqrt(C)),
+        instead of 0, and keeps that value for the whole run.
       layer_gradients: for gradient-flow studies (`hemnet_jax.studies.gradient_flow`): each HEM
         layer t reads X through zero offsets [T, B, H*W, C] declared with `self.perturb` as
         "e_step" and "n_step" in the "perturbations" collection, so `jax.grad` w.r.t. that
@@ -71,11 +75,24 @@ class HEMUnit(nn.Module):
     param_dtype: Any = jnp.float32
     axis_name: str | None = None
     remat: bool = False
+    frozen_conv_in: bool = False
     layer_gradients: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool, num_iters: int | None = None) -> jax.Array:
-        """x: [B, H, W, C] -> [B, H, W, C]. num_iters overrides T (e.g. T_eval at evaluation)."""
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool,
+        num_iters: int | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """x: [B, H, W, C] -> [B, H, W, C]. num_iters overrides T (e.g. T_eval at evaluation).
+
+        mask: [B, H, W] bool, or None: only the True positions (real pixels, not padding) enter
+        the M-step's sums and the bases' moving average; an example with no True position is
+        left out of that average.
+        """
         b, h, w, c = x.shape
         temperature = math.sqrt(c) if self.temperature is None else self.temperature
         num_iters = self.num_iters if num_iters is None else num_iters
@@ -84,9 +101,12 @@ class HEMUnit(nn.Module):
         )
 
         identity = x
+        bias_init = torch_default_bias_init(c) if self.frozen_conv_in else nn.initializers.zeros
         feats = Conv1x1(
-            c, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_in"
+            c, use_bias=True, bias_init=bias_init, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="conv_in",
         )(x)
+        flat_mask = None if mask is None else mask.reshape(b, h * w)
         record = self.is_mutable_collection(INTERMEDIATES)
         layer_offsets = None
         if self.layer_gradients:
@@ -105,6 +125,7 @@ class HEMUnit(nn.Module):
             return_history=record,
             remat=self.remat,
             layer_offsets=layer_offsets,
+            mask=flat_mask,
         )
         mu, gamma = outs[:2]
         x_tilde = hem.r_step(gamma, mu).reshape(b, h, w, c)
@@ -114,7 +135,7 @@ class HEMUnit(nn.Module):
             self.sow(INTERMEDIATES, "x_tilde", x_tilde)  # [B, H, W, C], before the ReLU
 
         if train and not self.is_initializing():
-            self._update_bases(mu0, mu)
+            self._update_bases(mu0, mu, flat_mask)
 
         y = nn.relu(x_tilde).astype(self.dtype)
         y = Conv1x1(
@@ -126,10 +147,19 @@ class HEMUnit(nn.Module):
         )(y)
         return nn.relu(y + identity.astype(y.dtype))
 
-    def _update_bases(self, mu0: nn.Variable, mu_t: jax.Array) -> None:
-        """mu0 <- m mu0 + (1 - m) mean over the (global) batch of stop_gradient(mu_T)."""
-        batch_mean = jnp.mean(jax.lax.stop_gradient(mu_t), axis=0)
-        if self.axis_name is not None:
-            batch_mean = jax.lax.pmean(batch_mean, self.axis_name)
+    def _update_bases(self, mu0: nn.Variable, mu_t: jax.Array, mask: jax.Array | None) -> None:
+        """mu0 <- m mu0 + (1 - m) mean over the (global) batch of stop_gradient(mu_T); with a
+        mask [B, N], the mean over the examples with at least one valid position."""
+        mu_t = jax.lax.stop_gradient(mu_t)
+        if mask is None:
+            batch_mean = jnp.mean(mu_t, axis=0)
+            if self.axis_name is not None:
+                batch_mean = jax.lax.pmean(batch_mean, self.axis_name)
+        else:
+            weights = jnp.any(mask, axis=-1).astype(mu_t.dtype)  # [B]
+            total, count = jnp.einsum("b,bkc->kc", weights, mu_t), jnp.sum(weights)
+            if self.axis_name is not None:
+                total, count = jax.lax.psum((total, count), self.axis_name)
+            batch_mean = total / jnp.maximum(count, 1.0)
         m = self.bases_momentum
         mu0.value = (m * mu0.value + (1.0 - m) * batch_mean).astype(mu0.value.dtype)

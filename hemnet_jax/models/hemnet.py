@@ -21,6 +21,23 @@ from hemnet_jax.models.resize import resize_bilinear_align_corners
 from hemnet_jax.models.resnet import ResNet
 
 
+def feature_mask(valid: jax.Array, stride: int) -> jax.Array:
+    """The pixel mask valid [B, H, W] at the backbone's resolution [B, h, w], h = (H - 1) // s + 1.
+
+    Feature position i is centred on pixel s i (stride-s convs with symmetric padding); it is
+    valid when a valid pixel lies in the rows (s (i - 1), s i] (and likewise for columns). For an
+    image of h0 x w0 real pixels at the top-left that keeps exactly the positions of the image
+    padded to the next size with size % s == 1 (EMANet's evaluation: 375 -> 377 -> 48 rows at
+    s = 8), so the HEM unit sees what it sees in the official evaluation.
+    """
+    s = stride
+    windows = jax.lax.reduce_window(
+        valid.astype(jnp.int32), 0, jax.lax.max, (1, s, s), (1, s, s),
+        ((0, 0), (s - 1, 0), (s - 1, 0)),
+    )
+    return windows > 0
+
+
 class Classifier(nn.Module):
     """[Dropout2d] -> conv1x1 with bias. [B, h, w, Cin] -> [B, h, w, num_classes] float32."""
 
@@ -73,19 +90,31 @@ class HEMNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, images: jax.Array, *, train: bool, num_iters: int | None = None
+        self,
+        images: jax.Array,
+        *,
+        train: bool,
+        num_iters: int | None = None,
+        valid: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """images [B, H, W, 3] -> {"logits": [B, H, W, classes] float32, "aux_logits" (if aux)}.
 
-        num_iters overrides T of the HEM unit (T_eval). In training pass rngs={"dropout": key}
-        and mutable=["batch_stats", "bases"]; mutable=["intermediates"] also returns the HEM
-        unit's mu, gamma and x_tilde.
+        num_iters overrides T of the HEM unit (T_eval). valid: [B, H, W] bool, or None: the real
+        pixels of images padded to a fixed canvas; the HEM unit then sees only the feature
+        positions of the real region (`feature_mask`) in its M-step and bases average.
+        In training pass rngs={"dropout": key} and mutable=["batch_stats", "bases"];
+        mutable=["intermediates"] also returns the HEM unit's mu, gamma and x_tilde.
         """
         size = images.shape[1:3]
         features = self.backbone(images, train=train)
 
         x = self._conv_bn_relu(self.head_channels, "head_in")(features["stage4"], train=train)
-        x = self.hem(x, train=train, num_iters=num_iters)
+        mask = None
+        if valid is not None:
+            mask = feature_mask(valid, self.backbone.output_stride)
+            if mask.shape != x.shape[:3]:
+                raise ValueError(f"valid {valid.shape} does not match the images {images.shape}.")
+        x = self.hem(x, train=train, num_iters=num_iters, mask=mask)
         x = self._conv_bn_relu(self.head_mid_channels, "head_out")(x, train=train)
         logits = self._classifier("classifier")(x, train=train)
         outputs = {"logits": resize_bilinear_align_corners(logits, size)}

@@ -89,6 +89,7 @@ class Conv1x1(nn.Module):
     use_bias: bool = True
     strides: int = 1  # subsampling, as nn.Conv's strides with "VALID" padding for a 1x1 kernel
     kernel_init: Any = conv_init
+    bias_init: Any = nn.initializers.zeros_init()
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -98,7 +99,7 @@ class Conv1x1(nn.Module):
             "kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype
         )
         bias = (
-            self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None
         )
         if self.strides > 1:

@@ -25,6 +25,9 @@ from hemnet_jax.training import digest
 
 # Model keys that do not change what a checkpoint holds or means: a run may differ in them.
 RUNTIME_ONLY_MODEL_KEYS = frozenset({"pretrained", "dtype", "remat", "aux_loss_weight"})
+# Model keys added after checkpoints were first written: a checkpoint without one was trained
+# with this value (the behaviour before the key existed).
+ADDED_MODEL_KEYS = {"freeze_unit_conv_in": False}
 
 
 def resolve_path(path: str) -> str:
@@ -64,7 +67,7 @@ def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, w
         if key in RUNTIME_ONLY_MODEL_KEYS:
             continue
         old, new = (
-            saved.get("model", {}).get(key, "<absent>"),
+            saved.get("model", {}).get(key, ADDED_MODEL_KEYS.get(key, "<absent>")),
             current["model"].get(key, "<absent>"),
         )
         if old != new:

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from hemnet_jax.data import datasets
 from hemnet_jax.errors import UserError
-from hemnet_jax.models import HEMNet, create_model, weights
+from hemnet_jax.models import HEMNet, create_model, frozen_param_prefixes, weights
 from hemnet_jax.training import checkpointing, optim, sharding
 
 PyTree = Any
@@ -85,7 +85,9 @@ def optimizer_for(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimiser of `config.train` for `model`'s parameters (their shapes only)."""
     params = jax.eval_shape(_initializer(model, optax.identity()), jax.random.PRNGKey(0)).params
-    return optim.make_optimizer(config.train, params)
+    return optim.make_optimizer(
+        config.train, params, frozen=frozen_param_prefixes(config.model)
+    )
 
 
 def abstract_state(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -24,6 +25,9 @@ def make_train_step(
 ) -> Callable:
     """jit((state, batch, key) -> (state, metrics)) with the batch sharded over `data`."""
     aux_weight = config.model.aux_loss_weight
+    cross_entropy = functools.partial(
+        losses.cross_entropy, normalization=config.train.loss_normalization
+    )
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
         dropout_key = jax.random.fold_in(key, state.step)
@@ -36,12 +40,10 @@ def make_train_step(
                 rngs={"dropout": dropout_key},
                 mutable=MUTABLE,
             )
-            ce = losses.cross_entropy(outputs["logits"], batch["label"])
+            ce = cross_entropy(outputs["logits"], batch["label"])
             total = ce
             if "aux_logits" in outputs:
-                total = total + aux_weight * losses.cross_entropy(
-                    outputs["aux_logits"], batch["label"]
-                )
+                total = total + aux_weight * cross_entropy(outputs["aux_logits"], batch["label"])
             return total, (ce, updated)
 
         (loss, (ce, updated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
