@@ -42,11 +42,12 @@ class _Run:
             if m:
                 self.step = int(m.group(1))
 
-    def wait_for_step(self, step: int, timeout: float = 300) -> None:
+    def wait_for_step(self, step: int, timeout: float = 300, *, required: bool = True) -> None:
+        """Until the process logged `step` (or, unless `required`, has exited)."""
         end = time.time() + timeout
         while self.step < step and self.proc.poll() is None and time.time() < end:
             time.sleep(0.05)
-        assert self.step >= step, "".join(self.lines[-40:])
+        assert self.step >= step or not required, "".join(self.lines[-40:])
 
     def finish(self, timeout: float) -> int:
         try:
@@ -106,7 +107,9 @@ def test_sigterm_to_some_processes_stops_all_at_one_step(tiny_data_dir, tmp_path
     runs[0].wait_for_step(2)
     t0 = time.time()
     runs[0].proc.send_signal(signal.SIGTERM)
-    runs[1].wait_for_step(runs[1].step + 2)
+    # The agreed stop may come before process 1 logs two more steps: then it has already exited
+    # and its own notice is moot (send_signal does nothing to a finished process).
+    runs[1].wait_for_step(runs[1].step + 2, required=False)
     runs[1].proc.send_signal(signal.SIGTERM)
     codes = [r.finish(EXIT_BOUND_S) for r in runs]
     elapsed_each = time.time() - t0
