@@ -95,6 +95,7 @@ def train_config() -> ml_collections.ConfigDict:
     t.norm_bias_lr_mult = 1.0  # BatchNorm biases' lr multiple (official EMANet: 2, as conv biases)
     t.log_every = 20
     t.eval_every = 2_000  # validation mIoU every N steps (0: only at the end)
+    t.validate_at_end = True  # validation after the last step (the ablation study evaluates itself)
     t.checkpoint_every = 1_000
     t.keep_checkpoints = 3
     t.profile = False  # a trace of a few steps into the workdir (TensorBoard's profile tab)

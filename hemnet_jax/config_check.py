@@ -176,6 +176,7 @@ RULES: dict[str, Rule] = {
     "train.loss_normalization": choice("valid_pixels", "all_pixels"),
     "train.log_every": integer(1),
     "train.eval_every": integer(0),
+    "train.validate_at_end": boolean(),
     "train.checkpoint_every": integer(1),
     "train.keep_checkpoints": integer(1),
     "train.profile": boolean(),

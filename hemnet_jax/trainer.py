@@ -225,7 +225,7 @@ class _Loop:
                                 "is saved.", step)
                 return state
         self.ckpt.wait()  # the final checkpoint is on disk before the final validation starts
-        if step == t.num_steps:
+        if step == t.num_steps and t.validate_at_end:
             self._validate(step, state)
         return state
 

@@ -20,6 +20,7 @@ import pytest
 
 from hemnet_jax.studies import ablation, ablation_tables
 from hemnet_jax.studies.ablation_tables import CellResult
+from tests.test_train import _subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -53,13 +54,15 @@ def test_plan_cells_names_arguments_and_configs(tmp_path):
     assert repeat.repeat_of == "hem_step_size=0.5_num_iters=3"
     assert cells["emanet_num_iters=1_seed=2"].repeat_of == "emanet_num_iters=1"
     assert plan.train_args(cells["emanet_num_iters=1_seed=2"]) == [
-        "--config", "configs/synthetic.py:emanet", "--config.train.num_steps=7",
+        "--config", "configs/synthetic.py:emanet", "--config.train.validate_at_end=False",
+        "--config.train.num_steps=7",
         "--config.model.num_iters=1", "--config.seed=2"]
     assert plan.workdir(cells["emanet_num_iters=1"]) == str(tmp_path / "emanet_num_iters=1")
 
     hem = plan.configs["hem_step_size=0.2_num_iters=3"]
     m = hem.model
     assert (m.step_size, m.num_iters, hem.train.num_steps, hem.seed) == (0.2, 3, 7, 0)
+    assert not hem.train.validate_at_end
     assert not hem.model.l2_normalize and not hem.model.stop_em_gradient
     em = plan.configs["emanet_num_iters=1_seed=2"]
     m = em.model
@@ -220,11 +223,7 @@ def _ablation_cmd(root, data_dir):
 
 
 def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = REPO
-    return env
+    return _subprocess_env(1)
 
 
 def _train_invocations(workdir) -> int:
@@ -232,6 +231,7 @@ def _train_invocations(workdir) -> int:
         return sum(1 for line in f if line.strip())
 
 
+@pytest.mark.heavy(seconds=220)
 def test_interrupted_ablation_resumes_and_tables_match_the_evaluations(tiny_data_dir, tmp_path):
     root = tmp_path / "ablation"
     names = ["hem_step_size=0.5_num_iters=1", "hem_step_size=0.5_num_iters=2",

@@ -21,6 +21,7 @@ from hemnet_jax.models import create_model  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
 
 
+@pytest.mark.heavy(seconds=25)
 def test_hem_unit_benchmark_writes_json(tmp_path):
     path = tmp_path / "hem_unit.json"
     # The unit is timed in the remat table (and checked against PyTorch below): skipped here.
@@ -41,6 +42,7 @@ def test_hem_unit_benchmark_writes_json(tmp_path):
     }
 
 
+@pytest.mark.heavy(seconds=40)
 def test_train_step_benchmark_writes_json(tmp_path):
     """JAX on every device, and PyTorch (child process) on one device with the per-device batch,
     in one run; speedup compares images/s per device."""
@@ -120,6 +122,7 @@ def test_torch_reference_matches_jax(module, variant):
     np.testing.assert_allclose(unit_t.mu.numpy(), bases, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.heavy(seconds=50)
 @pytest.mark.parametrize("stem", ["deep", "torchvision"])
 def test_torch_hemnet_matches_jax(stem):
     """The whole PyTorch network (dilated ResNet + head, `model_from_config`), run in float64 on

@@ -12,6 +12,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from hemnet_jax import trainer
@@ -62,6 +63,24 @@ def test_digest_detects_one_changed_element_and_only_that():
     assert digest.first_mismatch(recorded, digest.state_digest(swapped)) == "digest mismatch in w"
 
 
+def test_saving_a_replicated_state_cuts_no_array_on_the_devices(tmp_path, caplog):
+    """Orbax's replica-parallel writes would slice every array of a replicated state on the
+    devices, one XLA program per shape at a process's first save (10 s for the tiny model on 8
+    CPU devices); below MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL an array is written whole."""
+    mesh = sharding.create_mesh(jax.devices())
+    tree = {f"a{i}": jax.device_put(np.full((8 * i + 8, 3), i, np.float32),
+                                    sharding.replicated(mesh)) for i in range(4)}
+    ckpt = Checkpointer(str(tmp_path), keep=None)
+    with caplog.at_level(logging.WARNING), jax.log_compiles():
+        ckpt.save(1, tree, {}, force=True)
+        ckpt.wait()
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+    assert not [m for m in compiled if "slice" in m], compiled
+    restored = ocp.StandardCheckpointer().restore(tmp_path / "1" / "state")
+    assert all(np.array_equal(restored[k], v) for k, v in tree.items())
+
+
+@pytest.mark.heavy(seconds=100)
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_that_verifies(
     tiny_data_dir, tmp_path, caplog
 ):
@@ -123,6 +142,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_that_verifies(
     assert all(f"step {s}: digest mismatch" in message for s in (3, 2, 1)), message
 
 
+@pytest.mark.heavy(seconds=30)
 def test_eval_with_an_explicit_damaged_checkpoint_stops_with_one_line(tiny_data_dir, tmp_path):
     config = _config(tiny_data_dir, num_steps=1, checkpoint_every=1)
     trainer.train_and_evaluate(config, str(tmp_path))
@@ -166,6 +186,7 @@ def test_one_writer_per_workdir(tiny_data_dir, tmp_path):
         assert f'"pid": {os.getpid()}' in (tmp_path / LOCK_NAME).read_text()
 
 
+@pytest.mark.heavy(seconds=25)
 def test_full_disk_is_reported_at_the_next_step_in_one_line(tiny_data_dir, tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "tests", "enospc_train.py"), "metadata", "4",
            *_train_cmd(tmp_path, tiny_data_dir, "--config.train.num_steps=8",
@@ -189,6 +210,7 @@ def test_full_disk_is_reported_at_the_next_step_in_one_line(tiny_data_dir, tmp_p
     assert int(state.step) == 2  # the last good checkpoint, verified
 
 
+@pytest.mark.heavy(seconds=20)
 def test_divergence_is_reported_at_its_step_before_any_checkpoint(tiny_data_dir, tmp_path):
     config = _config(tiny_data_dir, num_steps=6, checkpoint_every=100, log_every=4,
                      learning_rate=1e30)

@@ -21,6 +21,7 @@ from hemnet_jax.training import sharding
 from hemnet_jax.training.import_official import import_official
 from hemnet_jax.training.state import restore_for_eval
 from tests import official_layout
+from tests.test_train import _subprocess_env
 from tests.tiny import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,9 +57,8 @@ def _torch_net(config, seed=0, **changes):
 def _import_cli(path, workdir, *overrides):
     cmd = [sys.executable, "-m", "hemnet_jax.models.weights", "import-emanet", str(path),
            "--config", "tests/tiny.py", "--workdir", str(workdir), *overrides]
-    env = {**os.environ, "PYTHONPATH": REPO,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env=_subprocess_env(1), capture_output=True, text=True,
+                          timeout=300)
 
 
 def _assert_same_logits(config, workdir, net, images):
@@ -81,6 +81,7 @@ def _one_device():
     return sharding.create_mesh(jax.devices()[:1])
 
 
+@pytest.mark.heavy(seconds=20)
 def test_official_emanet_checkpoint_through_the_cli(tmp_path):
     """{'net': state_dict, 'step': N} as EMANet's train.py saves it, EMANet's math, OS 8."""
     emanet = _emanet_overrides()

@@ -46,6 +46,7 @@ def _stepper(config, model, devices):
     return jax.device_get(state), step
 
 
+@pytest.mark.heavy(seconds=60)
 def test_eight_devices_equal_one(setup):
     """Each step, from the same state and batch, gives the same metrics and new state on 8
     devices as on 1 (float32 sums in another order: ~1e-6).

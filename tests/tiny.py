@@ -24,6 +24,7 @@ def tiny_config(dataset: str = "synthetic_scenes/tiny"):
     t.learning_rate = 0.01
     t.log_every = 2
     t.eval_every = 0
+    t.validate_at_end = False  # seconds per run; the tests of the final validation turn it on
     t.checkpoint_every = 3
     t.basis_diagnostics = False  # one compile less per run; tests/test_train.py checks them
     config.eval.batch_size = 8

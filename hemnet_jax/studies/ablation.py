@@ -96,8 +96,9 @@ class Cell:
         return f"{spec},emanet" if ":" in spec else f"{spec}:emanet"
 
     def train_args(self, spec: str, shared: Sequence[str]) -> list[str]:
-        """train.py's arguments other than --workdir."""
-        return ["--config", self.config_spec(spec), *shared,
+        """train.py's arguments other than --workdir. train.py's own final validation is off
+        (the study evaluates each cell at every T_eval); a shared override can turn it on."""
+        return ["--config", self.config_spec(spec), "--config.train.validate_at_end=False", *shared,
                 *(f"--config.{k}={v}" for k, v in self.overrides)]
 
 
