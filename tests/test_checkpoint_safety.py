@@ -86,7 +86,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_that_verifies(
 ):
     config = _config(tiny_data_dir, num_steps=3, checkpoint_every=1)
     good = str(tmp_path / "good")
-    trainer.train_and_evaluate(config, good)
+    one_device = sharding.create_mesh(jax.devices()[:1])  # the resume below: the same program
+    trainer.train_and_evaluate(config, good, mesh=one_device)
     model = create_model(config.model, num_classes=6)
     tx, _ = optimizer_for(config, model)
     abstract = abstract_state(model, tx, sharding.create_mesh(jax.devices()[:1]))
