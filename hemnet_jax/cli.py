@@ -148,9 +148,19 @@ class ConsoleFilter(std_logging.Filter):
         return "/clu/" in path and not str(record.msg).startswith("[Hyperparameters]")
 
 
+class LogFileOnly(std_logging.Filter):
+    """Keeps clu's INFO records (every scalar written, its progress notes) off the console: they
+    go to the run's log file, and the trainer's one line per log step says the progress."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "/clu/" not in record.pathname or record.levelno >= std_logging.WARNING
+
+
 def quiet_library_logs() -> None:
-    """Applies ConsoleFilter to absl's handler (the console)."""
-    absl_logging.get_absl_handler().addFilter(ConsoleFilter())
+    """Applies ConsoleFilter and LogFileOnly to absl's handler (the console)."""
+    handler = absl_logging.get_absl_handler()
+    handler.addFilter(ConsoleFilter())
+    handler.addFilter(LogFileOnly())
 
 
 def log_to_file(path: str) -> None:
