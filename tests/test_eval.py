@@ -233,13 +233,18 @@ def test_basis_diagnostics_do_not_depend_on_the_padding():
     variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(
         jax.random.PRNGKey(0))
     image = np.random.default_rng(2).normal(size=(17, 20, 3)).astype(np.float32)
+
+    @jax.jit
+    def unmasked_gamma(canvas):
+        _, state = model.apply(variables, canvas, train=False, mutable=["intermediates"])
+        return state["intermediates"]["hem"]["gamma"][0][-1]
+
     masked, unmasked = {}, {}
     for size in (96, 192):
         canvas = np.zeros((1, size, size, 3), np.float32)
         canvas[0, :17, :20] = image
         masked[size] = _probe_stats(model, variables, canvas, np.array([17]), np.array([20]))
-        _, state = model.apply(variables, canvas, train=False, mutable=["intermediates"])
-        gamma = state["intermediates"]["hem"]["gamma"][0][-1]
+        gamma = unmasked_gamma(canvas)
         unmasked[size] = hem_diagnostics.attention_stats(gamma[:, :3, :4])  # the same cells
     assert masked[96]["pixels"] == masked[192]["pixels"] == 12
 

@@ -196,6 +196,12 @@ def test_attention_maps_do_not_depend_on_the_padding():
     variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(
         jax.random.PRNGKey(0))
     rgb = np.random.default_rng(2).integers(0, 256, (17, 20, 3), dtype=np.uint8)
+
+    @jax.jit
+    def unmasked_gamma(image):
+        _, state = model.apply(variables, image, train=False, mutable=["intermediates"])
+        return state["intermediates"]["hem"]["gamma"][0]
+
     maps = {}
     for padding in ("fixed", "unmasked"):
         for pad_size in (96, 192):
@@ -204,10 +210,7 @@ def test_attention_maps_do_not_depend_on_the_padding():
                 maps[padding, pad_size] = visualize.hem_pictures(model, variables, rgb, config)
                 continue
             batch = predict.canvas_batch(rgb, config)  # what visualize ran before issue 21
-            _, state = model.apply(variables, batch["image"], train=False,
-                                   mutable=["intermediates"])
-            maps[padding, pad_size] = {"gamma": state["intermediates"]["hem"]["gamma"][0][
-                :, 0, :3, :4]}
+            maps[padding, pad_size] = {"gamma": unmasked_gamma(batch["image"])[:, 0, :3, :4]}
     assert maps["fixed", 96]["gamma"].shape == (2, 3, 4, config.model.num_bases)  # 17x20 -> 25x25
     unmasked = np.abs(maps["unmasked", 96]["gamma"] - maps["unmasked", 192]["gamma"]).max()
     masked = np.abs(maps["fixed", 96]["gamma"] - maps["fixed", 192]["gamma"]).max()
