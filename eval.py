@@ -16,13 +16,10 @@ checked before any dataset is touched; a mistake ends in one FATAL line.
 
 import os
 
-import jax
 from absl import flags
 
 from hemnet_jax import cli, config_check
-from hemnet_jax.data import datasets
-from hemnet_jax.evaluation import runner
-from hemnet_jax.training import checkpointing, sharding, state
+from hemnet_jax.data import datasets, tf_devices
 
 
 def define_flags() -> None:
@@ -32,9 +29,26 @@ def define_flags() -> None:
     cli.define_distributed_flags()
 
 
-def main(argv):
+def check_command_line(argv: list[str]) -> None:
+    """What needs neither JAX nor TensorFlow: the flags, every config value, the dataset's name
+    (the device count, the checkpoint and the dataset's files are checked in main)."""
     cli.no_extra_arguments(argv)
     cli.require_checkpoint_source()
+    config_check.check(flags.FLAGS.config, datasets=datasets.registry())
+
+
+if __name__ == "__main__":  # a mistake ends here, before JAX and TensorFlow load (3-8 s)
+    cli.parse_command_line(define_flags, check_command_line)
+    tf_devices.tensorflow()  # loaded here without its start-up notices (clu and TFDS use it)
+
+import jax  # noqa: E402  (the imports below load JAX and TensorFlow)
+
+from hemnet_jax.evaluation import runner  # noqa: E402
+from hemnet_jax.training import checkpointing, sharding, state  # noqa: E402
+
+
+def main(argv):
+    del argv  # checked by check_command_line
     cli.quiet_library_logs()
     sharding.initialize_distributed(**cli.distributed_args())
     f, config = flags.FLAGS, flags.FLAGS.config

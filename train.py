@@ -13,13 +13,10 @@ The resolved config is written to DIR/config.json, what the console shows to DIR
 import os
 import sys
 
-import jax
 from absl import flags, logging
 
-from hemnet_jax import cli, config_check, trainer
-from hemnet_jax.data import datasets
-from hemnet_jax.training import checkpointing, sharding
-from hemnet_jax.training.workdir_lock import run_lock
+from hemnet_jax import cli, config_check
+from hemnet_jax.data import datasets, tf_devices
 
 
 def define_flags() -> None:
@@ -29,19 +26,38 @@ def define_flags() -> None:
     cli.define_distributed_flags()
 
 
-def main(argv):
+def check_command_line(argv: list[str]) -> None:
+    """What needs neither JAX nor TensorFlow: every config value, the dataset, the files the run
+    reads and the workdir (the device count and a resumed checkpoint are checked in main)."""
     cli.no_extra_arguments(argv)
+    workdir = config_check.expand_path(flags.FLAGS.workdir)
+    resuming = config_check.has_checkpoint(os.path.join(workdir, "checkpoints"))
+    config_check.check(flags.FLAGS.config, datasets=datasets.registry(), data=True,
+                       pretrained=not resuming, folders={"--workdir": workdir})
+
+
+if __name__ == "__main__":  # a mistake ends here, before JAX and TensorFlow load (3-8 s)
+    cli.parse_command_line(define_flags, check_command_line)
+    tf_devices.tensorflow()  # loaded here without its start-up notices (clu and TFDS use it)
+
+import jax  # noqa: E402  (the imports below load JAX and TensorFlow)
+
+from hemnet_jax import trainer  # noqa: E402
+from hemnet_jax.training import checkpointing, sharding  # noqa: E402
+from hemnet_jax.training.workdir_lock import run_lock  # noqa: E402
+
+
+def main(argv):
+    del argv  # checked by check_command_line
     cli.quiet_library_logs()
     sharding.initialize_distributed(**cli.distributed_args())
     config, workdir = flags.FLAGS.config, config_check.expand_path(flags.FLAGS.workdir)
     checkpoints = os.path.join(workdir, "checkpoints")
-    resuming = checkpointing.has_checkpoint(checkpoints)
-    config_check.check(config, datasets=datasets.registry(), num_devices=jax.device_count(),
-                       data=True, pretrained=not resuming, folders={"--workdir": workdir})
-    if resuming:
+    config_check.check(config, num_devices=jax.device_count())  # the rest: check_command_line
+    if config_check.has_checkpoint(checkpoints):
         checkpointing.check_recorded_config(config, checkpoints)
     with run_lock(workdir):  # before anything is written to the workdir
-        cli.start_run_files(config, workdir, "train")
+        cli.start_run_files(config, workdir, "train", jax.process_index())
         try:
             trainer.train_and_evaluate(config, workdir, lock=False)
         except checkpointing.CheckpointSaveError as e:

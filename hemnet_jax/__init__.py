@@ -7,10 +7,13 @@ The method's math is `hem` (pure functions on arrays); `HEMUnit` is its Flax mod
 `trainer` (the loop, run by train.py).
 """
 
-from hemnet_jax import _compat, hem
-from hemnet_jax.models.hem_unit import HEMUnit
+from hemnet_jax import _compat
 
 _compat.install()
+# Imported on first use: the package itself loads no JAX (a program checks its command line first).
+__getattr__ = _compat.lazy_attributes(
+    __name__, {"hem": "hemnet_jax.hem", "HEMUnit": "hemnet_jax.models.hem_unit:HEMUnit"}
+)
 
 __all__ = ["HEMUnit", "hem"]
 __version__ = "0.2.0"

@@ -2,7 +2,8 @@
 
 `import hemnet_jax.restore`, `from hemnet_jax import parallel`, `trainer.validate` and
 `python -m hemnet_jax.predict` keep working and warn with the new path; they go in 0.3. This is
-the package's only dynamic import: the old names resolve to the very same module objects.
+the package's only dynamic import: the old names resolve to the very same module objects (and
+`lazy_attributes` serves the package face's names on first use).
 """
 
 from __future__ import annotations
@@ -80,11 +81,26 @@ def install() -> None:
 
 def moved_attributes(module_name: str, moved: dict[str, str]) -> Callable[[str], Any]:
     """A module `__getattr__` that serves names which moved to other modules, with a warning."""
+    return _served(module_name, {name: f"{module}:{name}" for name, module in moved.items()},
+                   warn=True)
 
+
+def lazy_attributes(module_name: str, names: dict[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` that imports a name's module on first use, without a warning:
+    names maps a name to "module" (the module itself) or "module:attribute". The package face
+    (`hemnet_jax.hem`, `hemnet_jax.HEMUnit`) is served so, so that importing the package (and
+    `hemnet_jax.cli`) loads no JAX: a program's command line is checked in a second."""
+    return _served(module_name, names, warn=False)
+
+
+def _served(module_name: str, names: dict[str, str], *, warn: bool) -> Callable[[str], Any]:
     def __getattr__(name: str) -> Any:
-        if name in moved:
-            _warn(f"{module_name}.{name}", f"{moved[name]}.{name}")
-            return getattr(importlib.import_module(moved[name]), name)
+        if name in names:
+            module, _, attribute = names[name].partition(":")
+            if warn:
+                _warn(f"{module_name}.{name}", f"{module}.{name}")
+            loaded = importlib.import_module(module)
+            return getattr(loaded, attribute) if attribute else loaded
         raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
 
     return __getattr__

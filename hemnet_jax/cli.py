@@ -23,7 +23,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-import jax
 import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
@@ -148,9 +147,19 @@ class ConsoleFilter(std_logging.Filter):
         return "/clu/" in path and not str(record.msg).startswith("[Hyperparameters]")
 
 
+class LogFileOnly(std_logging.Filter):
+    """Keeps clu's INFO records (every scalar written, its progress notes) off the console: they
+    go to the run's log file, and the trainer's one line per log step says the progress."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "/clu/" not in record.pathname or record.levelno >= std_logging.WARNING
+
+
 def quiet_library_logs() -> None:
-    """Applies ConsoleFilter to absl's handler (the console)."""
-    absl_logging.get_absl_handler().addFilter(ConsoleFilter())
+    """Applies ConsoleFilter and LogFileOnly to absl's handler (the console)."""
+    handler = absl_logging.get_absl_handler()
+    handler.addFilter(ConsoleFilter())
+    handler.addFilter(LogFileOnly())
 
 
 def log_to_file(path: str) -> None:
@@ -161,12 +170,12 @@ def log_to_file(path: str) -> None:
     std_logging.getLogger().addHandler(handler)
 
 
-def start_run_files(config: ml_collections.ConfigDict, workdir: str, program: str) -> None:
-    """Creates `workdir`; process 0 writes config.json there; every process logs what its console
-    shows to `<program>.log` (`<program>.process<i>.log` beyond process 0). A gs:// workdir
-    gets config.json only (logging needs a local file)."""
+def start_run_files(config: ml_collections.ConfigDict, workdir: str, program: str,
+                    index: int) -> None:
+    """Creates `workdir`; process 0 (`index`, jax.process_index()) writes config.json there;
+    every process logs what its console shows to `<program>.log` (`<program>.process<i>.log`
+    beyond process 0). A gs:// workdir gets config.json only (logging needs a local file)."""
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    index = jax.process_index()
     if index == 0:
         write_config_json(config, os.path.join(workdir, "config.json"))
     if "://" not in workdir:
@@ -277,18 +286,54 @@ def reporting_user_errors(main: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return wrapped
 
 
+# The arguments for main when `parse_command_line` parsed them before `run`.
+_parsed_argv: list[str] | None = None
+
+
+def parse_command_line(define_flags: Callable[[], None],
+                       check: Callable[[list[str]], None] | None = None) -> None:
+    """A program's first step, before it imports JAX or TensorFlow (3-8 s on 2 busy cores):
+    defines its flags (and absl's --help), parses sys.argv and runs `check(argv)` (argv: what
+    the flags left), the checks that need neither (the config's values, its folders). A mistake
+    (a UserError or app.UsageError) ends here in one FATAL line, in about a second; `run` then
+    uses this parse."""
+    global _parsed_argv
+    _freeze_at_exit()
+    app.define_help_flags()
+    _define_program_flags(define_flags)
+    _parsed_argv = parse_flags(sys.argv)
+    if check is not None:
+        try:
+            reporting_user_errors(check)(_parsed_argv)
+        except app.UsageError as e:
+            fatal(f"{e} (--help lists the flags)")
+
+
 def run(main: Callable[[list[str]], Any], define_flags: Callable[[], None]) -> None:
     """A program's `__main__`: define its flags (all shown by --help), then absl's app.run with
-    our flag parser and expected errors reported as one FATAL line."""
+    our flag parser (or `parse_command_line`'s parse) and expected errors reported as one FATAL
+    line."""
+    _freeze_at_exit()
+    if _parsed_argv is None:
+        _define_program_flags(define_flags)
+        app.run(reporting_user_errors(main), flags_parser=parse_flags)
+    else:
+        app.run(reporting_user_errors(main), flags_parser=lambda _: _parsed_argv)
+
+
+@functools.cache
+def _freeze_at_exit() -> None:
     # Registered first, so it runs last at exit: Python's shutdown then skips collecting the
     # frozen objects (TensorFlow's and JAX's millions), which took 5 s at rest and 20-45 s on a
     # busy machine after the program's work was done and flushed.
     atexit.register(gc.freeze)
+
+
+def _define_program_flags(define_flags: Callable[[], None]) -> None:
     before = set(flags.FLAGS)
     define_flags()
     for name in sorted(set(flags.FLAGS) - before):  # --help lists the main module's key flags
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
-    app.run(reporting_user_errors(main), flags_parser=parse_flags)
 
 
 def run_plain(main: Callable[[list[str]], Any]) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import ml_collections
+from etils import epath
 
 from hemnet_jax.errors import UserError
 
@@ -322,6 +323,13 @@ def folder_violations(folders: Mapping[str, str | None]) -> list[str]:
             found.append(f"{flag}={folder!r}: {existing} is not writable; allowed: a folder you "
                          "can write to.")
     return found
+
+
+def has_checkpoint(directory: str) -> bool:
+    """Whether `directory` (local or gs://) holds a step directory (named by its step): a run
+    there resumes, and does not read model.pretrained."""
+    root = epath.Path(directory)
+    return root.is_dir() and any(p.name.isdigit() and p.is_dir() for p in root.iterdir())
 
 
 def is_built(data_dir: str, name: str) -> bool:

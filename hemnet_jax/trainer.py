@@ -29,6 +29,7 @@ from hemnet_jax.studies import layer_gradients
 from hemnet_jax.training import checkpointing, diagnostics, sharding
 from hemnet_jax.training.input_pipeline import prepare_data, train_batches
 from hemnet_jax.training.preemption import PreemptionWatcher
+from hemnet_jax.training.progress import ProgressLine
 from hemnet_jax.training.state import TrainState, abstract_state, init_state, optimizer_for
 from hemnet_jax.training.train_step import make_train_step
 from hemnet_jax.training.workdir_lock import run_lock
@@ -183,10 +184,11 @@ class _Loop:
         self.last_saved = last_saved
         self.grad_flow: tuple[Callable, dict] | None = None  # (jitted probe, fixed batch)
         self.diagnostics: diagnostics.Probe | None = None  # the bases/* scalars at log steps
+        self.progress = ProgressLine(config.train.num_steps)  # the console's line per log step
 
     def run(self, state, train_step, batches, key, hooks, stop_after, preemption) -> TrainState:
         t = self.config.train
-        step = int(state.step)
+        step = first = int(state.step)
         last_stop = t.num_steps if stop_after is None else min(t.num_steps, step + stop_after)
         window: list[dict[str, jax.Array]] = []
         window_start, finite = step, jnp.array(True)
@@ -194,6 +196,9 @@ class _Loop:
             batch = sharding.global_batch(next(batches), self.mesh)
             state, step_metrics = train_step(state, batch, key)
             step += 1
+            if step == first + 1:  # compiled and run: the console's steps/s count from here
+                jax.block_until_ready(step_metrics)
+                self.progress.start(step)
             # A background save that failed stops the run here, one step after it ended.
             self.ckpt.check_saved()
             # Dispatched, not waited for: the host syncs only where it logs or saves.
@@ -234,7 +239,8 @@ class _Loop:
         if window:
             summary = jax.device_get(window)
             means = {k: float(np.mean([m[k] for m in summary])) for k in summary[0]}
-            self.writer.write_scalars(step, means)
+            self.writer.write_scalars(step, means)  # TensorBoard and the log file
+            self.progress.log(step, means)  # and the console's one line
 
     def _write_diagnostics(self, step: int, state: TrainState, batch: dict) -> None:
         """The bases/* scalars: mu0 after the step, attention on the step's batch."""

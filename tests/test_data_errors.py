@@ -158,14 +158,13 @@ def test_tensorflow_already_on_an_accelerator_is_an_error(monkeypatch):
     def refuse(devices, device_type):
         raise RuntimeError("Visible devices cannot be modified after being initialized")
 
-    monkeypatch.setattr(tf_devices.tf.config, "set_visible_devices", refuse)
-    monkeypatch.setattr(tf_devices.tf.config, "get_visible_devices", lambda kind: [kind])
+    tf = tf_devices.tensorflow()
+    monkeypatch.setattr(tf.config, "set_visible_devices", refuse)
+    monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind: [kind])
     with pytest.raises(RuntimeError, match="JAX needs"):
         tf_devices.hide_accelerators_from_tensorflow()
 
 
 def test_tensorflow_sees_no_accelerator():
-    import hemnet_jax.data.pipeline  # noqa: F401
-
     for kind in ("GPU", "TPU"):
-        assert tf_devices.tf.config.get_visible_devices(kind) == []
+        assert tf_devices.tensorflow().config.get_visible_devices(kind) == []

@@ -194,23 +194,66 @@ def test_multi_scale_flip_runs_on_the_tiny_model(tiny_model):
     assert not np.allclose(probs[0], np.asarray(ss)[0], atol=1e-4)  # the views did something
 
 
-def test_basis_diagnostics_probe_counts_real_pixels_only(tiny_model):
-    """The eval probe's attention sums cover the feature cells whose centres lie in each image's
-    real region: at output stride 8 on the 32 x 32 canvas, centres 4, 12, 20, 28; image 1 is
-    24 x 20, so rows 0-2 and columns 0-1."""
-    model, variables, batch = tiny_model
+def _probe_stats(model, variables, images, heights, widths):
     probe = diagnostics.make_probe(model, sharding.create_mesh(jax.devices()[:1]), train=False)
-    stats = diagnostics.add_stats(None, probe(variables, batch["image"], batch["height"],
-                                              batch["width"]))
-    _, state = model.apply(variables, batch["image"], train=False, mutable=["intermediates"])
+    return diagnostics.add_stats(None, probe(variables, images, heights, widths))
+
+
+def test_basis_diagnostics_probe_is_masked_like_evaluation(tiny_model):
+    """The eval probe runs the model as evaluation does, the HEM unit masked to each image's
+    feature positions (`feature_mask`), and counts those positions only: at output stride 8 on
+    the 32 x 32 canvas, image 0 has 4 x 4, image 1 (16 x 12, officially padded to 17 x 17)
+    3 x 3."""
+    model, variables, _ = tiny_model
+    images = np.asarray(tiny_model[2]["image"]).copy()
+    images[1, 16:], images[1, :, 12:] = 0, 0
+    heights, widths = np.array([32, 16]), np.array([32, 12])
+    stats = _probe_stats(model, variables, images, heights, widths)
+    valid = predictors.valid_mask({"height": heights, "width": widths}, (32, 32))
+    _, state = model.apply(variables, images, train=False, valid=valid,
+                           mutable=["intermediates"])
     gamma = np.asarray(state["intermediates"]["hem"]["gamma"][0][-1], np.float64)  # [2,4,4,K]
     real = np.concatenate([gamma[0].reshape(-1, gamma.shape[-1]),
-                           gamma[1, :3, :2].reshape(-1, gamma.shape[-1])])
-    assert stats["pixels"] == 16 + 6
+                           gamma[1, :3, :3].reshape(-1, gamma.shape[-1])])
+    assert stats["pixels"] == 16 + 9
     np.testing.assert_array_equal(stats["mu0"], variables["bases"]["hem"]["mu"])
     np.testing.assert_allclose(stats["mass"], real.sum(0), rtol=1e-5)
     np.testing.assert_allclose(stats["cross"], real.T @ real, rtol=1e-5)
     np.testing.assert_allclose(stats["entropy"], -(real * np.log(real)).sum(), rtol=1e-5)
+
+
+def test_basis_diagnostics_do_not_depend_on_the_padding():
+    """Issue 21, item 5: one 17 x 20 image on a 96 and a 192 canvas gives the same attention
+    sums. With sharp attention (temperature 0.05) an unmasked forward pass moves them by over
+    10% (the padding pulls the bases); masked, under 1% (the backbone's view of the canvas's
+    far edge and float rounding, amplified 20 times by the temperature)."""
+    config = tiny_config()
+    config.model.temperature = 0.05
+    model = create_model(config.model, num_classes=6)
+    variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(
+        jax.random.PRNGKey(0))
+    image = np.random.default_rng(2).normal(size=(17, 20, 3)).astype(np.float32)
+
+    @jax.jit
+    def unmasked_gamma(canvas):
+        _, state = model.apply(variables, canvas, train=False, mutable=["intermediates"])
+        return state["intermediates"]["hem"]["gamma"][0][-1]
+
+    masked, unmasked = {}, {}
+    for size in (96, 192):
+        canvas = np.zeros((1, size, size, 3), np.float32)
+        canvas[0, :17, :20] = image
+        masked[size] = _probe_stats(model, variables, canvas, np.array([17]), np.array([20]))
+        gamma = unmasked_gamma(canvas)
+        unmasked[size] = hem_diagnostics.attention_stats(gamma[:, :3, :4])  # the same cells
+    assert masked[96]["pixels"] == masked[192]["pixels"] == 12
+
+    def change(stats, key):
+        return float(np.abs(stats[96][key] - stats[192][key]).max() / np.abs(stats[96][key]).max())
+
+    for key in ("mass", "cross"):
+        assert change(masked, key) < 0.01 and change(unmasked, key) > 0.1, (
+            key, change(masked, key), change(unmasked, key))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +277,8 @@ def test_eval_py_reads_a_training_checkpoint(trained, tiny_data_dir):
                   f"--config.data.data_dir={tiny_data_dir}", f"--output_dir={_output_dir(trained)}",
                   "--config.eval.basis_diagnostics=True")
     assert result.returncode == 0, result.stderr[-3000:]
+    for notice in ("oneDNN", "absl::InitializeLog", "cpu_feature_guard"):  # issue 21, item 4
+        assert notice not in result.stderr, result.stderr[-3000:]
     assert not os.path.exists(os.path.join(trained, "eval"))
     assert sorted(os.walk(os.path.join(trained, "checkpoints"))) == before
     result_stdout = result.stdout

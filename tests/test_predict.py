@@ -9,7 +9,7 @@ from PIL import Image
 from hemnet_jax import config as cfg
 from hemnet_jax.data import palette
 from hemnet_jax.evaluation import predict, visualize
-from hemnet_jax.models import create_model
+from hemnet_jax.models import create_model, hemnet
 from tests.tiny import tiny_config
 
 NUM_CLASSES = 6
@@ -96,18 +96,26 @@ def test_canvas_size():
 def test_attention_grid_from_the_intermediates(segmenter, tmp_path):
     model, variables, _ = segmenter
     config = tiny_config()
+    config.eval.num_iters = 3
     rgb = np.random.default_rng(3).integers(0, 256, (24, 40, 3), dtype=np.uint8)
-    pictures = visualize.hem_pictures(model, variables, rgb, num_iters=3)
+    pictures = visualize.hem_pictures(model, variables, rgb, config)
     k, c = config.model.num_bases, config.model.head_channels
-    assert pictures["gamma"].shape == (3, 3, 5, k)  # T = 3 at 1/8 of 24 x 40
-    assert pictures["x"].shape == (3, 5, c) and pictures["x_tilde"].shape == (3, 3, 5, c)
+    # T = 3 on the official grid of 24 x 40 (padded to 25 x 41) at stride 8: 4 x 6.
+    assert pictures["gamma"].shape == (3, 4, 6, k)
+    assert pictures["x"].shape == (4, 6, c) and pictures["x_tilde"].shape == (3, 4, 6, c)
     assert pictures["prediction"].shape == (24, 40)
     np.testing.assert_allclose(pictures["gamma"].sum(-1), 1.0, atol=1e-5)
-    # The last reconstruction is the unit's own X_tilde (sown as "x_tilde").
-    _, state = model.apply(variables, predict.normalize(rgb)[None], train=False, num_iters=3,
+    # The last reconstruction is the unit's own X_tilde (sown as "x_tilde"), on the canvas
+    # evaluation uses (the image's padding masked), and the prediction is predict.py's.
+    batch = predict.canvas_batch(rgb, config)
+    valid = hemnet.valid_pixels(batch["height"], batch["width"], batch["image"].shape[1:3])
+    _, state = model.apply(variables, batch["image"], train=False, num_iters=3, valid=valid,
                            mutable=["intermediates"])
     np.testing.assert_allclose(pictures["x_tilde"][-1],
-                               state["intermediates"]["hem"]["x_tilde"][0][0], atol=1e-5)
+                               state["intermediates"]["hem"]["x_tilde"][0][0, :4, :6], atol=1e-5)
+    np.testing.assert_array_equal(
+        pictures["prediction"],
+        predict.make_segmenter(model, variables, config)(rgb))
     selection = visualize.default_bases(pictures["gamma"])
     bases = selection.indices
     assert 1 <= len(bases) <= 3 and pictures["gamma"][-1].sum((0, 1)).argmax() == bases[0]
@@ -174,3 +182,37 @@ def test_describe_variant():
     config.model.stop_em_gradient = False
     assert visualize.describe_variant(config.model) == (
         "HEMNet (eta 1, dot kernel, K 8, L2-normalised bases)")
+
+
+def test_attention_maps_do_not_depend_on_the_padding():
+    """Issue 21, item 5: the same image on two canvas sizes (data.eval_pad_size) gives the same
+    Fig. 4 maps: the HEM unit is masked to the image as in evaluation. Sharp attention (a low
+    temperature) makes the padding's pull visible: unmasked, the maps move by 0.3 (measured);
+    masked, by 0.01: the backbone's view of the canvas's far edge and float rounding, both
+    amplified 20 times by the temperature (evaluation's predictions share them)."""
+    config = tiny_config()
+    config.model.temperature = 0.05
+    model = create_model(config.model, NUM_CLASSES)
+    variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(
+        jax.random.PRNGKey(0))
+    rgb = np.random.default_rng(2).integers(0, 256, (17, 20, 3), dtype=np.uint8)
+
+    @jax.jit
+    def unmasked_gamma(image):
+        _, state = model.apply(variables, image, train=False, mutable=["intermediates"])
+        return state["intermediates"]["hem"]["gamma"][0]
+
+    maps = {}
+    for padding in ("fixed", "unmasked"):
+        for pad_size in (96, 192):
+            config.data.eval_pad_size = pad_size
+            if padding == "fixed":
+                maps[padding, pad_size] = visualize.hem_pictures(model, variables, rgb, config)
+                continue
+            batch = predict.canvas_batch(rgb, config)  # what visualize ran before issue 21
+            maps[padding, pad_size] = {"gamma": unmasked_gamma(batch["image"])[:, 0, :3, :4]}
+    assert maps["fixed", 96]["gamma"].shape == (2, 3, 4, config.model.num_bases)  # 17x20 -> 25x25
+    unmasked = np.abs(maps["unmasked", 96]["gamma"] - maps["unmasked", 192]["gamma"]).max()
+    masked = np.abs(maps["fixed", 96]["gamma"] - maps["fixed", 192]["gamma"]).max()
+    assert unmasked > 0.1 and masked < 0.1 * unmasked, (masked, unmasked)
+    assert maps["fixed", 96]["gamma"].max() > 0.5  # sharp attention: the test can fail

@@ -157,6 +157,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_data_dir, tmp_path):
             "--config.train.num_steps=100000",
             "--config.train.log_every=1",
             "--config.train.checkpoint_every=100000",
+            "--config.train.basis_diagnostics=True",  # logged, but not on the console
         ),
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
@@ -188,7 +189,7 @@ def _assert_console_and_log_file(workdir, console: str) -> None:
     """Issue 15, Found 6-7: the console shows the run, not library noise; the workdir holds the
     resolved config as config.json and what the console showed as train.log."""
     for noise in ("libtpu", "[Hyperparameters]", "Config:\n", "read only", "dataset_info.py",
-                  "reader.py", "\x1b["):
+                  "reader.py", "\x1b[", "oneDNN", "absl::InitializeLog", "tf_record_dataset"):
         assert noise not in console, noise
     with open(workdir / "config.json") as f:
         saved = json.load(f)
@@ -196,6 +197,17 @@ def _assert_console_and_log_file(workdir, console: str) -> None:
     assert saved["data"]["scales"] == [0.75, 1.0, 1.25]
     log = (workdir / "train.log").read_text()
     assert re.search(r"\[2\] .*loss=", log) and "Stopped at step" in log
+    # Issue 21, item 7: one console line per log step (every step here) with the loss, the
+    # learning rate, steps/s and ETA; every scalar, bases/* too, in train.log (and TensorBoard).
+    steps = [int(s) for s in re.findall(r"^\S+ \S+ +\d+ \S+\] \[(\d+)\] ", console, re.M)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2, console
+    for line in re.findall(r"^.*\] \[\d+\] .*$", console, re.M)[1:]:
+        assert re.search(r"\] \[\d+\] loss=[\d.e+-]+, learning_rate=[\d.e+-]+, [\d.e+]+ steps/s, "
+                         r"ETA \d+:\d\d:\d\d$", line), line
+    assert "bases/" not in console and "grad_norm" not in console
+    for step in range(1, len(steps) + 1):
+        assert re.search(rf"\] \[{step}\] bases/distinct_attention=\d+, bases/distinct_bases=", log)
+        assert re.search(rf"\] \[{step}\] bases_norm=.*grad_norm=", log)
 
 
 def _free_port() -> int:

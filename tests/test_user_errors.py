@@ -246,6 +246,33 @@ def test_found_5_eval_names_the_checkpoints_dataset_before_touching_data(tmp_pat
     assert _tree(home) == set()
 
 
+HEAVY_LIBRARIES = {"jax", "jaxlib", "flax", "optax", "orbax", "tensorflow", "tensorflow_datasets"}
+
+
+@pytest.mark.parametrize("program,args", [
+    ("train.py", ["--config.model.step_size=0", "--workdir", "{tmp}/run"]),
+    ("train.py", ["--config.model.stepsize=0", "--workdir", "{tmp}/run"]),
+    ("train.py", ["--workdir", "{tmp}/run", "an_extra_argument"]),
+    ("eval.py", ["--config.model.step_size=0", "--workdir", "{tmp}/run"]),
+    ("eval.py", []),  # neither --workdir nor --checkpoint
+])
+def test_issue_21_a_command_line_mistake_is_alone_before_jax_and_tensorflow(tmp_path, program,
+                                                                            args):
+    """Issue 21, item 4: the FATAL line is the program's only output, and it comes before JAX
+    or TensorFlow is imported (Python's import log, -X importtime, shows every import)."""
+    command = [PYTHON, "-X", "importtime", program, "--config", "configs/synthetic.py",
+               *(a.format(tmp=tmp_path) for a in args)]
+    result = _run(command, _env())
+    lines = (result.stdout + result.stderr).splitlines()
+    imported = [line.split("|")[-1].strip() for line in lines if line.startswith("import time:")]
+    output = [line for line in lines if not line.startswith("import time:")]
+    assert result.returncode == 1 and len(output) == 1, output
+    assert output[0].startswith("FATAL: "), output
+    assert "hemnet_jax.config_check" in imported and "absl.flags" in imported  # a real log
+    assert not {name.split(".")[0] for name in imported} & HEAVY_LIBRARIES, output
+    assert not (tmp_path / "run").exists()
+
+
 def test_found_10_help_lists_every_flag_of_the_program():
     result = _run([PYTHON, "train.py", "--help"], _env())
     assert result.returncode == 1 and "Traceback" not in result.stderr  # absl's --help exits 1

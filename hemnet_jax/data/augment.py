@@ -12,14 +12,17 @@ the PyTorch versions the official code ran on (< 1.6; since 1.6 a given scale_fa
 as floor(o / s), which differs on some rows: docs/reproducing.md).
 """
 
-from collections.abc import Sequence
+from __future__ import annotations
 
-import tensorflow as tf
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hemnet_jax.data.classes import IGNORE_LABEL
-from hemnet_jax.data.tf_devices import hide_accelerators_from_tensorflow
+from hemnet_jax.data.tf_devices import tensorflow
 
-hide_accelerators_from_tensorflow()
+if TYPE_CHECKING:  # imported when first used (tf_devices.tensorflow)
+    import tensorflow as tf
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB in [0, 1]
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,6 +51,7 @@ def train_augment(
       {"image": float32 [h, w, 3] ImageNet-normalised, 0 where padded,
        "label": int32 [h, w], 255 where padded or where the source had 255}.
     """
+    tf = tensorflow()
     if label.shape.rank == 2:
         label = label[..., None]
     ch, cw = crop_size
@@ -83,6 +87,7 @@ def scale_example(
     align_corners reads input o (in - 1) / (out - 1); nearest without half-pixel centres reads
     min(floor(o * in / out), in - 1), PyTorch's `nearest` before 1.6.
     """
+    tf = tensorflow()
     size = tf.shape(image)[:2]
     scaled = tf.maximum(tf.cast(tf.floor(tf.cast(size, tf.float32) * scale), tf.int32), 1)
     image = tf.raw_ops.ResizeBilinear(
@@ -114,6 +119,7 @@ def eval_pad(
     Args: image uint8 [H, W, 3], label [H, W, 1] or [H, W], example_id string scalar.
     Returns: {"image": float32 [PH, PW, 3], "label": int32 [PH, PW], "id", "height", "width"}.
     """
+    tf = tensorflow()
     if label.shape.rank == 3:
         label = label[..., 0]
     height, width = tf.shape(image)[0], tf.shape(image)[1]
@@ -143,6 +149,7 @@ def eval_pad(
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
     """RGB in [0, 255] -> ImageNet-normalised float32: (x / 255 - mean) / std."""
+    tf = tensorflow()
     mean = tf.constant(IMAGENET_MEAN, tf.float32)
     std = tf.constant(IMAGENET_STD, tf.float32)
     return (tf.cast(image, tf.float32) / 255.0 - mean) / std

@@ -7,16 +7,20 @@ DCT instead, which differs from PIL by a few grey levels (up to 16 on a real VOC
 exactly (tests/test_official_recipe.py). PNGs are lossless: every decoder agrees.
 """
 
-import tensorflow as tf
+from __future__ import annotations
 
-from hemnet_jax.data.tf_devices import hide_accelerators_from_tensorflow
+from typing import TYPE_CHECKING
 
-hide_accelerators_from_tensorflow()
+from hemnet_jax.data.tf_devices import tensorflow
+
+if TYPE_CHECKING:  # imported when first used (tf_devices.tensorflow)
+    import tensorflow as tf
 
 
 def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
     """An encoded JPEG or PNG (string scalar) -> uint8 [H, W, 3], JPEGs exactly as PIL's
     `Image.open(f).convert("RGB")` (grayscale images get their one channel three times)."""
+    tf = tensorflow()
     image = tf.cond(
         tf.io.is_jpeg(encoded),
         lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),

@@ -11,19 +11,23 @@ Images are decoded as PIL decodes them (`decode.py`), as the official EMANet cod
 TensorFlow never sees an accelerator (see `tf_devices.py`).
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from hemnet_jax.data.augment import DEFAULT_SCALES, eval_pad, train_augment
 from hemnet_jax.data.classes import IGNORE_LABEL
 from hemnet_jax.data.decode import decode_rgb
 from hemnet_jax.data.prepare import prepare_dataset
-from hemnet_jax.data.tf_devices import hide_accelerators_from_tensorflow
+from hemnet_jax.data.tf_devices import tensorflow
 
-hide_accelerators_from_tensorflow()
+if TYPE_CHECKING:  # imported when first used (tf_devices.tensorflow)
+    import tensorflow as tf
+
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -66,6 +70,7 @@ def make_train_dataset(
       Dataset of {"image": float32 [B, H, W, 3] normalised, 0 in padding,
                   "label": int32 [B, H, W], 255 = ignore (padding, void)}.
     """
+    tf = tensorflow()
     crop = _pair(crop_size, "crop_size")
     scales = tuple(float(s) for s in scales)
     if not scales or min(scales) <= 0:
@@ -149,6 +154,7 @@ def make_eval_dataset(
       padding examples), "height", "width": int32 [B], the image size before padding}.
       Iterating raises InvalidArgumentError naming the image if one is larger than pad_size.
     """
+    tf = tensorflow()
     if per_process_batch_size < 1:
         raise ValueError(f"bad {per_process_batch_size=}")
     builder = prepare_dataset(name, data_dir=data_dir, manual_dir=manual_dir)
@@ -202,6 +208,7 @@ def make_eval_dataset(
 
 def max_image_size(builder: tfds.core.DatasetBuilder, split: str) -> tuple[int, int]:
     """(largest height, largest width) over a split, from one pass over its labels."""
+    tf = tensorflow()
     ds = builder.as_dataset(
         split=split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
     )
@@ -215,6 +222,7 @@ def _eval_fields(example: dict) -> dict:
 
 
 def _padding_example(pad_size: tuple[int, int]) -> dict[str, tf.Tensor]:
+    tf = tensorflow()
     ph, pw = pad_size
     return {
         "image": tf.zeros([ph, pw, 3], tf.float32),
@@ -250,6 +258,7 @@ def _pair(size: int | Sequence[int], what: str) -> tuple[int, int]:
 
 
 def _options(num_threads: int | None) -> tf.data.Options:
+    tf = tensorflow()
     options = tf.data.Options()
     options.deterministic = True
     options.threading.max_intra_op_parallelism = 1

@@ -4,6 +4,8 @@ Every problem with the downloaded data is an error that names the file (and, for
 download, where it was looked for and where to get it); no example is ever skipped silently.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import io
 from collections.abc import Callable, Iterable, Sequence
@@ -12,15 +14,12 @@ from typing import Any
 
 import numpy as np
 import scipy.io
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from hemnet_jax.data.classes import IGNORE_LABEL
-from hemnet_jax.data.tf_devices import hide_accelerators_from_tensorflow
+from hemnet_jax.data.tf_devices import tensorflow
 from hemnet_jax.errors import UserError
-
-hide_accelerators_from_tensorflow()  # Before any TensorFlow op: importing runs none.
 
 
 class MissingDataError(FileNotFoundError, UserError):
@@ -135,6 +134,7 @@ def read_image(path: Path) -> tuple[bytes, tuple[int, int]]:
     Raises:
       InvalidExampleError: the file is corrupt, truncated or not an image.
     """
+    tf = tensorflow()
     data = path.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as image:

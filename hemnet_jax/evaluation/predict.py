@@ -104,26 +104,34 @@ def canvas_size(height: int, width: int, pad_size: int | tuple[int, int]) -> tup
     return fit(height, ph), fit(width, pw)
 
 
+def canvas_batch(rgb: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """One image as evaluation sees it: {"image": float32 [1, PH, PW, 3] normalised, 0 (the mean
+    colour) on the padding at the bottom and right, "height", "width": int32 [1]}. The canvas
+    is `eval.padding`'s: "fixed", `canvas_size(..., data.eval_pad_size)` (the model is then
+    masked: `predictors.make_predictor`); "official", the next size with size % stride == 1."""
+    height, width = rgb.shape[:2]
+    if predictors.padding_mode(config.eval) == "official":
+        ph, pw = (augment.official_padded_size(n, config.model.output_stride)
+                  for n in (height, width))  # fmt: skip
+    else:
+        ph, pw = canvas_size(height, width, config.data.eval_pad_size)
+    image = np.zeros((1, ph, pw, 3), np.float32)
+    image[0, :height, :width] = normalize(rgb)
+    return {"image": image, "height": np.array([height], np.int32),
+            "width": np.array([width], np.int32)}  # fmt: skip
+
+
 def make_segmenter(
     model, variables: dict, config: ml_collections.ConfigDict
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A function uint8 RGB [H, W, 3] -> class indices uint8 [H, W], on one device."""
     predictor = predictors.make_predictor(model, config.eval, num_iters=config.eval.num_iters)
     classify = jax.jit(lambda v, batch: jnp.argmax(predictor(v, batch), axis=-1))
-    official = predictors.padding_mode(config.eval) == "official"
 
     def segment(rgb: np.ndarray) -> np.ndarray:
         height, width = rgb.shape[:2]
-        if official:
-            ph, pw = (augment.official_padded_size(n, config.model.output_stride)
-                      for n in (height, width))  # fmt: skip
-        else:
-            ph, pw = canvas_size(height, width, config.data.eval_pad_size)
-        image = np.zeros((1, ph, pw, 3), np.float32)  # 0 = the mean colour, as the pipeline pads
-        image[0, :height, :width] = normalize(rgb)
-        batch = {"image": image, "height": np.array([height], np.int32),
-                 "width": np.array([width], np.int32)}  # fmt: skip
-        return np.asarray(classify(variables, batch))[0, :height, :width].astype(np.uint8)
+        labels = classify(variables, canvas_batch(rgb, config))
+        return np.asarray(labels)[0, :height, :width].astype(np.uint8)
 
     return segment
 

@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from hemnet_jax.evaluation import metrics
+from hemnet_jax.models import hemnet
 from hemnet_jax.training import sharding
 
 Batch = Mapping[str, jax.Array]  # "image" [B, PH, PW, 3]; "height", "width" [B] int
@@ -64,9 +65,7 @@ def single_scale_predictor(
 
 def valid_mask(batch: Batch, canvas: tuple[int, int]) -> jax.Array:
     """[B, PH, PW] bool: True on each example's real top-left height x width pixels."""
-    rows = jnp.arange(canvas[0])[None, :, None] < jnp.asarray(batch["height"])[:, None, None]
-    cols = jnp.arange(canvas[1])[None, None, :] < jnp.asarray(batch["width"])[:, None, None]
-    return rows & cols
+    return hemnet.valid_pixels(batch["height"], batch["width"], canvas)
 
 
 def multi_scale_predictor(

@@ -16,7 +16,8 @@ By default the bases shown are the ones with the most attention mass whose maps 
 duplicate; the program says when fewer distinct bases exist than asked), and the channels of
 X_tilde with the largest variance at t = T. Every row has a colour bar with its value range; the
 title names the image, the variant (HEMNet / EMANet and eta), T and the bases shown.
-T = `eval.num_iters` (default T_train). The image is run alone at its own size.
+T = `eval.num_iters` (default T_train). The image is run as evaluation runs it: on its canvas,
+the HEM unit masked to its real region (`eval.padding` "fixed"), so padding is never a pixel.
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
 from hemnet_jax import cli, config_check, hem, hem_diagnostics
-from hemnet_jax.data import palette
+from hemnet_jax.data import augment, palette
 from hemnet_jax.errors import UserError
-from hemnet_jax.evaluation.predict import ImageReadError, normalize, read_image
+from hemnet_jax.evaluation import predict, predictors
+from hemnet_jax.evaluation.predict import ImageReadError, read_image
+from hemnet_jax.models import hemnet
 from hemnet_jax.training import sharding, state
 
 NUM_SHOWN = 3  # rows of the grid when --bases / --channels are not given
@@ -43,9 +47,15 @@ class IndexSelectionError(ValueError, UserError):
     """A chosen basis or channel index is out of range."""
 
 
-def hem_pictures(model, variables: dict, rgb: np.ndarray, *,
-                 num_iters: int | None = None) -> dict[str, np.ndarray]:
-    """Runs one image and returns what Fig. 4 shows, as numpy arrays.
+def hem_pictures(model, variables: dict, rgb: np.ndarray,
+                 config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """Runs one image as evaluation does and returns what Fig. 4 shows, as numpy arrays.
+
+    The image is predicted on evaluation's canvas (`predict.canvas_batch`), the HEM unit masked
+    to its real region where `eval.padding` is "fixed" (padding is never a pixel: the maps do
+    not depend on the canvas size), at T = `eval.num_iters`. The maps are cut to the image's
+    feature positions, the official evaluation's grid: h = (P - 1) / stride + 1 for the image
+    padded to P >= H with P % stride == 1 (24 -> 4 at stride 8), w likewise.
 
     Args:
       rgb: uint8 [H, W, 3].
@@ -53,20 +63,29 @@ def hem_pictures(model, variables: dict, rgb: np.ndarray, *,
       {"prediction": int [H, W], "gamma": [T, h, w, K] (after each iteration),
        "x": [h, w, C] (the unit's input X), "x_tilde": [T, h, w, C] (gamma^(t) mu^(t))}.
     """
-    def run(v: dict, image: jax.Array) -> dict[str, jax.Array]:
+    masked = predictors.padding_mode(config.eval) == "fixed"
+    stride = config.model.output_stride
+    height, width = rgb.shape[:2]
+    h, w = ((augment.official_padded_size(n, stride) - 1) // stride + 1 for n in (height, width))
+
+    def run(v: dict, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        image = batch["image"]
+        valid = hemnet.valid_pixels(batch["height"], batch["width"], image.shape[1:3])
         outputs, state = model.apply(
-            v, image, train=False, num_iters=num_iters, mutable=["intermediates"],
+            v, image, train=False, num_iters=config.eval.num_iters, mutable=["intermediates"],
             capture_intermediates=lambda mdl, method: mdl.name == "conv_in"
-            and method == "__call__",
+            and method == "__call__", **({"valid": valid} if masked else {}),
         )
         sown = state["intermediates"]["hem"]
-        gamma, mu = sown["gamma"][0][:, 0], sown["mu"][0][:, 0]  # [T, h, w, K], [T, K, C]
-        t, h, w, k = gamma.shape
-        x_tilde = hem.r_step(gamma.reshape(t, h * w, k), mu).reshape(t, h, w, -1)
+        gamma, mu = sown["gamma"][0][:, 0], sown["mu"][0][:, 0]  # [T, h', w', K], [T, K, C]
+        t, fh, fw, k = gamma.shape
+        x_tilde = hem.r_step(gamma.reshape(t, fh * fw, k), mu).reshape(t, fh, fw, -1)
         return {"prediction": jnp.argmax(outputs["logits"][0], axis=-1), "gamma": gamma,
                 "x": sown["conv_in"]["__call__"][0][0], "x_tilde": x_tilde}
 
-    return jax.device_get(jax.jit(run)(variables, normalize(rgb)[None]))
+    out = jax.device_get(jax.jit(run)(variables, predict.canvas_batch(rgb, config)))
+    return {"prediction": out["prediction"][:height, :width], "gamma": out["gamma"][:, :h, :w],
+            "x": out["x"][:h, :w], "x_tilde": out["x_tilde"][:, :h, :w]}
 
 
 def default_bases(gamma: np.ndarray, count: int = NUM_SHOWN) -> hem_diagnostics.Selection:
@@ -233,8 +252,7 @@ def main(argv: list[str]) -> None:
         FLAGS.config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
         mesh=sharding.create_mesh(jax.local_devices()[:1]),
     )
-    pictures = hem_pictures(restored.model, restored.variables, rgb,
-                            num_iters=FLAGS.config.eval.num_iters)
+    pictures = hem_pictures(restored.model, restored.variables, rgb, FLAGS.config)
     if not bases:
         selection = default_bases(pictures["gamma"])
         bases = selection.indices

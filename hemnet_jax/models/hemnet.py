@@ -21,6 +21,14 @@ from hemnet_jax.models.resize import resize_bilinear_align_corners
 from hemnet_jax.models.resnet import ResNet
 
 
+def valid_pixels(heights: jax.Array, widths: jax.Array, canvas: tuple[int, int]) -> jax.Array:
+    """[B, PH, PW] bool: True on each example's real top-left heights[b] x widths[b] pixels of
+    a padded canvas (PH, PW); the `valid` argument of `HEMNet.__call__`."""
+    rows = jnp.arange(canvas[0])[None, :, None] < jnp.asarray(heights)[:, None, None]
+    cols = jnp.arange(canvas[1])[None, None, :] < jnp.asarray(widths)[:, None, None]
+    return rows & cols
+
+
 def feature_mask(valid: jax.Array, stride: int) -> jax.Array:
     """The pixel mask valid [B, H, W] at the backbone's resolution [B, h, w], h = (H - 1) // s + 1.
 

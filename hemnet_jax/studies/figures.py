@@ -49,11 +49,28 @@ def plot_fig3(results: Sequence[Mapping[str, Any]], path: str, title: str = "") 
     plt.close(fig)
 
 
+TABLE1_TITLE = "mIoU by T_train (best per column outlined)"
+
+
 def plot_table1(rows: Sequence[int], cols: Sequence[str], values: Mapping[tuple[int, str], Any],
                 best: Mapping[str, int], path: str) -> None:
-    """The ablation's Table 1 as a heat map: T_train down, columns across, mIoU (%) in each
-    square, the best T_train of each column outlined in red (`ablation_tables.table1`'s output;
-    values are fractions or None)."""
+    """Writes `table1_figure(...)` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = table1_figure(rows, cols, values, best)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table1_figure(rows: Sequence[int], cols: Sequence[str], values: Mapping[tuple[int, str], Any],
+                  best: Mapping[str, int]):
+    """The ablation's Table 1 as a heat map (a matplotlib Figure): T_train down, columns across,
+    mIoU (%) in each square, the best T_train of each column outlined in red
+    (`ablation_tables.table1`'s output; values are fractions or None).
+
+    The figure is sized to its grid (1.3 in per column, 0.6 in per row) and never narrower than
+    its title and labels, so a one-column grid shows its whole title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +78,8 @@ def plot_table1(rows: Sequence[int], cols: Sequence[str], values: Mapping[tuple[
 
     grid = np.array([[np.nan if values.get((t, c)) is None else 100 * values[(t, c)]
                       for c in cols] for t in rows], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2, 0.6 * len(rows) + 1.6))
+    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2, 0.6 * len(rows) + 1.6),
+                           layout="constrained")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(rows)), [str(t) for t in rows])
@@ -77,7 +95,19 @@ def plot_table1(rows: Sequence[int], cols: Sequence[str], values: Mapping[tuple[
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,
                                            edgecolor="red", linewidth=2))
     fig.colorbar(image, ax=ax, label="mIoU (%)")
-    ax.set_title("mIoU by T_train (best per column outlined)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = fig.suptitle(TABLE1_TITLE)  # centred on the figure, whose width is set below
+    _widen_to_fit(fig, [title, *ax.get_xticklabels()], columns=len(cols))
+    return fig
+
+
+def _widen_to_fit(fig, texts: Sequence[Any], *, columns: int, margin: float = 0.3) -> None:
+    """Widens `fig` so that each of `texts` fits: the title across the whole figure (plus
+    `margin` inches each side), each tick label within its column's share of the width."""
+    renderer = fig.canvas.get_renderer()
+    title, *labels = texts
+    needed = title.get_window_extent(renderer).width / fig.dpi + 2 * margin
+    widest_label = max((t.get_window_extent(renderer).width for t in labels), default=0.0)
+    needed = max(needed, columns * (widest_label / fig.dpi + 0.2) + 2.0)
+    width, height = fig.get_size_inches()
+    if needed > width:
+        fig.set_size_inches(needed, height)

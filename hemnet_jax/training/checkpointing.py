@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from hemnet_jax.config_check import has_checkpoint  # noqa: F401  (part of this module's API)
 from hemnet_jax.errors import UserError
 from hemnet_jax.training import digest
 
@@ -108,12 +109,6 @@ def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, w
             + "\n".join(diffs)
             + f"\nUse the config it was trained with{hint}, or another --workdir/--checkpoint."
         )
-
-
-def has_checkpoint(directory: str) -> bool:
-    """Whether `directory` (local or gs://) holds a step directory (named by its step)."""
-    root = epath.Path(directory)
-    return root.is_dir() and any(p.name.isdigit() and p.is_dir() for p in root.iterdir())
 
 
 def check_recorded_config(

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from hemnet_jax import hem_diagnostics as diag
-from hemnet_jax.models.hemnet import HEM_SCOPE
+from hemnet_jax.models.hemnet import HEM_SCOPE, feature_mask, valid_pixels
 from hemnet_jax.training import sharding
 
 PREFIX = "bases/"  # of the scalars' names in TensorBoard and JSON
@@ -31,8 +31,9 @@ def make_probe(model: nn.Module, mesh: Mesh, *, train: bool,
     """A jitted forward pass returning `hem_diagnostics.attention_stats` of the last HEM
     iteration's gamma [B, h, w, K], and the bases mu0 [K, C] as "mu0" (replicated, so every
     process can read them whatever the state's sharding). Given the examples' real `heights`
-    and `widths` [B] on a padded canvas (evaluation batches), feature cells on padding are not
-    counted.
+    and `widths` [B] on a padded canvas (evaluation batches), the forward pass is masked as
+    evaluation's (`HEMNet.__call__`'s `valid`: the HEM unit sees only the feature positions of
+    the real region) and only those positions are counted: padding is never a pixel.
 
     train=True runs the network as a training step does (batch statistics; dropout, which
     comes after the unit, with a fixed key) and discards the updated state.
@@ -41,31 +42,20 @@ def make_probe(model: nn.Module, mesh: Mesh, *, train: bool,
 
     def probe(variables: dict, images: jax.Array, heights: jax.Array | None = None,
               widths: jax.Array | None = None) -> dict[str, jax.Array]:
+        valid = None if heights is None else valid_pixels(heights, widths, images.shape[1:3])
         _, state = model.apply(
             variables, images, train=train, num_iters=num_iters, mutable=mutable,
             rngs={"dropout": jax.random.PRNGKey(0)} if train else None,
+            **({} if valid is None else {"valid": valid}),
         )
         gamma = state["intermediates"][HEM_SCOPE]["gamma"][0][-1]  # [B, h, w, K]
         weights = None
-        if heights is not None:
-            weights = feature_weights(heights, widths, images.shape[1:3], gamma.shape[1:3])
+        if valid is not None:
+            weights = feature_mask(valid, model.backbone.output_stride).astype(jnp.float32)
         return {**diag.attention_stats(gamma, weights),
                 "mu0": variables["bases"][HEM_SCOPE]["mu"]}
 
     return jax.jit(probe, out_shardings=sharding.replicated(mesh))
-
-
-def feature_weights(heights: jax.Array, widths: jax.Array, canvas: tuple[int, int],
-                    features: tuple[int, int]) -> jax.Array:
-    """[B, h, w] float32: 1 where a feature cell's centre lies inside the example's real
-    height x width region of the padded canvas (PH, PW), 0 on padding (and for padding
-    examples, whose size is 0)."""
-    (ph, pw), (h, w) = canvas, features
-    rows = (jnp.arange(h) + 0.5) * ph / h
-    cols = (jnp.arange(w) + 0.5) * pw / w
-    inside = ((rows[None, :, None] < jnp.asarray(heights)[:, None, None])
-              & (cols[None, None, :] < jnp.asarray(widths)[:, None, None]))
-    return inside.astype(jnp.float32)
 
 
 def add_stats(total: dict | None, sums: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
