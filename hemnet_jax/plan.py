@@ -317,7 +317,6 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
         raise BadFlagError(f"--hbm_gib={hbm_gib}: pass a positive number of GiB per chip.")
     hbm = topology.hbm_bytes_per_chip if hbm_gib is None else round(hbm_gib * GIB)
     config_check.check(config, datasets=datasets.registry(), num_devices=topology.chips)
-    tpu_topology.require_libtpu()
     devices = tpu_topology.compile_only_devices(topology)
     planner = Planner(config, topology, devices, hbm)
     log(f"Compiling the train step for {topology.name}...")
