@@ -29,6 +29,7 @@ from absl import logging as absl_logging
 from etils import epath
 from ml_collections import config_flags
 
+from hemnet_jax import accelerators
 from hemnet_jax.errors import UserError
 
 
@@ -298,7 +299,7 @@ def parse_command_line(define_flags: Callable[[], None],
     (a UserError or app.UsageError) ends here in one FATAL line, in about a second; `run` then
     uses this parse."""
     global _parsed_argv
-    _freeze_at_exit()
+    _start_program()
     app.define_help_flags()
     _define_program_flags(define_flags)
     _parsed_argv = parse_flags(sys.argv)
@@ -313,7 +314,7 @@ def run(main: Callable[[list[str]], Any], define_flags: Callable[[], None]) -> N
     """A program's `__main__`: define its flags (all shown by --help), then absl's app.run with
     our flag parser (or `parse_command_line`'s parse) and expected errors reported as one FATAL
     line."""
-    _freeze_at_exit()
+    _start_program()
     if _parsed_argv is None:
         _define_program_flags(define_flags)
         app.run(reporting_user_errors(main), flags_parser=parse_flags)
@@ -322,7 +323,8 @@ def run(main: Callable[[list[str]], Any], define_flags: Callable[[], None]) -> N
 
 
 @functools.cache
-def _freeze_at_exit() -> None:
+def _start_program() -> None:
+    accelerators.keep_tpu_plugin_off_without_tpu()  # before JAX initialises a backend
     # Registered first, so it runs last at exit: Python's shutdown then skips collecting the
     # frozen objects (TensorFlow's and JAX's millions), which took 5 s at rest and 20-45 s on a
     # busy machine after the program's work was done and flushed.
@@ -339,4 +341,5 @@ def _define_program_flags(define_flags: Callable[[], None]) -> None:
 def run_plain(main: Callable[[list[str]], Any]) -> None:
     """`run` for a program that parses its own arguments: main(sys.argv) (the program name
     first, as absl passes it) with expected errors as FATAL lines."""
+    _start_program()
     reporting_user_errors(main)(sys.argv)
