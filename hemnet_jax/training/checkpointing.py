@@ -273,11 +273,15 @@ class Checkpointer:
         if self._pending is None:
             return
         while True:
-            if self._outcome is None and (block and jax.process_count() == 1
-                                          or not self._manager.is_saving_in_progress()):
+            if self._outcome is None:
                 try:
-                    self._manager.wait_until_finished()
-                    self._outcome = ""
+                    # A failure of this process's writes raises here at once. Orbax's "in
+                    # progress" lasts, with several processes, until every one has finished.
+                    self._manager.check_for_errors()
+                    if (block and jax.process_count() == 1
+                            or not self._manager.is_saving_in_progress()):
+                        self._manager.wait_until_finished()
+                        self._outcome = ""
                 except Exception as e:  # noqa: BLE001  (any failure is reported the same)
                     self._outcome = _one_line(e) or "an error"
             # 0: running, 1: written, 2: failed; on every process.
