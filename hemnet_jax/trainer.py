@@ -194,10 +194,8 @@ class _Loop:
             batch = sharding.global_batch(next(batches), self.mesh)
             state, step_metrics = train_step(state, batch, key)
             step += 1
-            # A background save that failed stops the run here, one step after it ended (with
-            # several processes, which agree on it: at the next log step).
-            if jax.process_count() == 1 or step % t.log_every == 0:
-                self.ckpt.check_saved()
+            # A background save that failed stops the run here, one step after it ended.
+            self.ckpt.check_saved()
             # Dispatched, not waited for: the host syncs only where it logs or saves.
             finite &= jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["param_norm"])
             window.append(step_metrics)

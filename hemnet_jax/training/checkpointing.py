@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -223,7 +222,6 @@ class Checkpointer:
         self.directory = resolve_path(directory)  # orbax needs absolute local paths
         self._read_only = read_only
         self._pending: int | None = None  # the step of a save whose outcome is not checked yet
-        self._outcome: str | None = None  # of the pending save here: "" written, else the error
         self._failed = False  # a save failed: its writes may still be pending in orbax's loop
         _configure_array_writes()
         self._manager = ocp.CheckpointManager(
@@ -264,47 +262,22 @@ class Checkpointer:
 
     def check_saved(self, *, block: bool = False) -> None:
         """Raises CheckpointSaveError if the last background save has failed; cheap when it is
-        still running (unless `block`) or was already checked.
-
-        With several processes, every process calls it at the same steps and they agree: the
-        save counts as done when it is done on every process, and a save that failed on any
-        process raises on every process (one that failed elsewhere may still wait in orbax's
-        barrier here: the caller ends the process without closing the checkpointer)."""
-        if self._pending is None:
+        still running (unless `block`) or was already checked."""
+        if self._pending is None or (not block and self._manager.is_saving_in_progress()):
             return
-        while True:
-            if self._outcome is None:
-                try:
-                    # A failure of this process's writes raises here at once. Orbax's "in
-                    # progress" lasts, with several processes, until every one has finished.
-                    self._manager.check_for_errors()
-                    if (block and jax.process_count() == 1
-                            or not self._manager.is_saving_in_progress()):
-                        self._manager.wait_until_finished()
-                        self._outcome = ""
-                except Exception as e:  # noqa: BLE001  (any failure is reported the same)
-                    self._outcome = _one_line(e) or "an error"
-            # 0: running, 1: written, 2: failed; on every process.
-            codes = _on_every_process(0 if self._outcome is None else 2 if self._outcome else 1)
-            if 2 in codes or min(codes) == 1:
-                break
-            if not block:
-                return
-            time.sleep(0.05)
-        step, outcome, self._pending, self._outcome = self._pending, self._outcome, None, None
-        failed = [i for i, code in enumerate(codes) if code == 2]
-        if not failed:
-            return
-        self._failed = True
-        last_good = [s for s in self._manager.all_steps() if s != step]
-        where = f" on process {', '.join(map(str, failed))}" if jax.process_count() > 1 else ""
-        raise CheckpointSaveError(
-            f"Saving the checkpoint of step {step} to {self.directory} failed{where}: "
-            f"{outcome or 'see the log of that process'}. Free space or fix access there, then "
-            "re-run the same command: it resumes from "
-            + (f"step {max(last_good)}" if last_good else "the start (no checkpoint yet)")
-            + "."
-        )
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001  (any failure of the save is reported the same)
+            self._failed = True
+            last_good = [s for s in self._manager.all_steps() if s != step]
+            raise CheckpointSaveError(
+                f"Saving the checkpoint of step {step} to {self.directory} failed: "
+                f"{_one_line(e)}. Free space or fix access there, then re-run the same command: "
+                "it resumes from "
+                + (f"step {max(last_good)}" if last_good else "the start (no checkpoint yet)")
+                + "."
+            ) from None
 
     def restore(
         self,
