@@ -59,7 +59,7 @@ def main(argv):
     registry = datasets.registry()
     config_check.check(config, datasets=registry, num_devices=jax.device_count(),
                        folders={"--output_dir": results})
-    checkpointing.check_recorded_config(config, directory, step)
+    checkpointing.check_recorded_config(config, directory, step, evaluation=True)
     config_check.check(config, datasets=registry, data=True)
     runner.evaluate(config, workdir=workdir, checkpoint=checkpoint, output_dir=output_dir)
 

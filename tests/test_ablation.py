@@ -9,9 +9,11 @@ write tables whose numbers are the evaluation JSONs'.
 """
 
 import csv
+import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,10 +55,11 @@ def test_plan_cells_names_arguments_and_configs(tmp_path):
     repeat = cells["hem_step_size=0.5_num_iters=3_seed=1"]
     assert repeat.repeat_of == "hem_step_size=0.5_num_iters=3"
     assert cells["emanet_num_iters=1_seed=2"].repeat_of == "emanet_num_iters=1"
-    assert plan.train_args(cells["emanet_num_iters=1_seed=2"]) == [
-        "--config", "configs/synthetic.py:emanet", "--config.train.validate_at_end=False",
-        "--config.train.num_steps=7",
-        "--config.model.num_iters=1", "--config.seed=2"]
+    identity = ["--config", "configs/synthetic.py:emanet", "--config.train.num_steps=7",
+                "--config.model.num_iters=1", "--config.seed=2"]
+    assert plan.train_args(cells["emanet_num_iters=1_seed=2"]) == identity
+    assert plan.launch_args(cells["emanet_num_iters=1_seed=2"]) == [  # what train.py is given
+        *identity[:2], "--config.train.validate_at_end=False", *identity[2:]]
     assert plan.workdir(cells["emanet_num_iters=1"]) == str(tmp_path / "emanet_num_iters=1")
 
     hem = plan.configs["hem_step_size=0.2_num_iters=3"]
@@ -314,3 +317,67 @@ def test_interrupted_ablation_resumes_and_tables_match_the_evaluations(tiny_data
             assert float(cells[name][key]) == pytest.approx(value, rel=1e-9), (name, key)
     assert os.path.getsize(root / "tables" / "table1.png") > 1000
     assert "## Table 1" in open(root / "tables" / "ablation.md").read()
+
+
+# ---------------------------------------------------------------------------------------------
+# Work of earlier releases: tests/data/old_release (made by make.sh there).
+
+OLD_RELEASE = os.path.join(REPO, "tests", "data", "old_release")
+OLD_ARGS = ["--emanet", "model.num_iters=2", "--t_eval", "2", "--config.train.num_steps=2",
+            "--config.train.log_every=1", "--config.eval.max_batches=1",
+            "--config.model.base_width=2", "--config.model.head_channels=8",
+            "--config.model.head_mid_channels=8"]
+OLD_CELL = "emanet_num_iters=2"
+
+
+@pytest.mark.heavy(seconds=70)
+def test_work_of_earlier_releases_stays_usable(tiny_data_dir, tmp_path):
+    """An ablation root of release 7d7cdb5 (its cell.json without the launch-only
+    --config.train.validate_at_end=False) and the cell.json release 6de883d writes (with it) are
+    both accepted; the root's EMANet checkpoint, written before model.freeze_unit_conv_in
+    existed, evaluates under `:emanet` to the numbers the old release recorded, and resuming it
+    for training ends in one FATAL line whose advice works."""
+    root = tmp_path / "root"
+    shutil.copytree(os.path.join(OLD_RELEASE, "ablation"), root)
+    cell = root / OLD_CELL
+    command = [sys.executable, "-m", "hemnet_jax.studies.ablation", "--config", "tests/tiny.py",
+               "--root", str(root), *OLD_ARGS]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(),
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"{OLD_CELL}: trained (step 2), skipped." in done.stdout
+    assert "evaluating" not in done.stdout and (root / "tables" / "table1.csv").is_file()
+    assert _train_invocations(cell) == 1  # nothing trained again
+    shutil.copy(os.path.join(OLD_RELEASE, "cell_6de883d.json"), cell / "cell.json")
+    ablation.check_root(ablation.make_plan(
+        str(root), "tests/tiny.py", [a for a in OLD_ARGS if a.startswith("--config.")], [],
+        ["model.num_iters=2"], [], "2"))
+
+    model = [a for a in OLD_ARGS if a.startswith("--config.model.")]
+    data = [f"--config.data.data_dir={tiny_data_dir}", "--config.eval.max_batches=1"]
+    evaluated = subprocess.run(
+        [sys.executable, os.path.join(REPO, "eval.py"), "--config", "tests/tiny.py:emanet",
+         f"--checkpoint={cell}/checkpoints/2", f"--output_dir={tmp_path}", *model, *data],
+        capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    (old_json,) = glob.glob(f"{cell}/eval/step2_*.json")
+    (new_json,) = glob.glob(f"{tmp_path}/eval/step2_*.json")
+    with open(old_json) as f, open(new_json) as g:
+        old, new = json.load(f), json.load(g)
+    (old_result,) = [r for r in old["results"] if r["num_iters"] == 2]
+    assert new["step"] == 2 and new["results"][0]["miou"] == pytest.approx(old_result["miou"])
+
+    workdir = tmp_path / "resume"
+    shutil.copytree(cell, workdir)
+    train = [sys.executable, os.path.join(REPO, "train.py"), "--config", "tests/tiny.py:emanet",
+             "--workdir", str(workdir), "--config.train.num_steps=3", *model, *data]
+    refused = subprocess.run(train, capture_output=True, text=True, cwd=REPO, env=_env(),
+                             timeout=600)
+    fatal = [x for x in refused.stderr.splitlines() if x.startswith("FATAL:")]
+    assert refused.returncode == 1 and len(fatal) == 1, refused.stderr[-3000:]
+    assert "add --config.model.freeze_unit_conv_in=False to continue it" in fatal[0], fatal
+    assert "Traceback" not in refused.stderr
+    resumed = subprocess.run([*train, "--config.model.freeze_unit_conv_in=False"],
+                             capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from the checkpoint of step 2" in resumed.stderr

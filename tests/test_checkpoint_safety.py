@@ -5,6 +5,7 @@ processes for the lock and the full disk, the real CLI for the error lines."""
 import glob
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,19 +119,45 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_that_verifies(
         abstract, config, fallback=True)
     assert int(state.step) == 3
 
-    # eval's restore falls back the same way from a workdir; an explicit step must verify.
-    flipped = str(tmp_path / "64_flipped_bytes")
+    # eval's restore falls back the same way from a workdir; an explicit step must verify. It
+    # reads the model's arrays only, so every data file is damaged (where orbax put which array
+    # varies from run to run: one file may hold optimiser state alone).
+    flipped = str(tmp_path / "flipped_everywhere")
+    shutil.copytree(good, flipped)
+    for path in glob.glob(f"{flipped}/checkpoints/3/state/ocdbt.process_0/d/*"):
+        _flip(path)
     assert restore_for_eval(config, workdir=flipped,
                             mesh=sharding.create_mesh(jax.devices()[:1])).step == 2
-    with pytest.raises(NoVerifiedCheckpointError, match=r"step 3: digest mismatch in "):
+    with pytest.raises(NoVerifiedCheckpointError,
+                       match=r"step 3: (digest mismatch in|its state cannot be read)"):
         restore_for_eval(config, checkpoint=f"{flipped}/checkpoints/3",
                          mesh=sharding.create_mesh(jax.devices()[:1]))
 
-    # Training resumes from step 2, moves step 3 aside, and saves a new step 3.
-    config.train.num_steps = 4
-    trainer.train_and_evaluate(config, flipped, mesh=sharding.create_mesh(jax.devices()[:1]))
-    assert os.listdir(f"{flipped}/rejected_checkpoints") == ["3"]
-    assert Checkpointer(f"{flipped}/checkpoints", read_only=True).all_steps() == [2, 3, 4]
+    # As a half-written upload leaves it (its data files cut to half: all of them, as cutting
+    # the two largest leaves every array evaluation reads intact here), through the real
+    # programs: eval.py evaluates step 2; train.py resumes from step 2, moves step 3 aside and
+    # saves a new step 3. The console shows one warning line naming step 3 and why, no traceback.
+    halved = str(tmp_path / "halved")
+    shutil.copytree(good, halved)
+    for path in glob.glob(f"{halved}/checkpoints/3/state/ocdbt.process_0/d/*"):
+        os.truncate(path, os.path.getsize(path) // 2)
+    data = f"--config.data.data_dir={tiny_data_dir}"
+    for cmd, done in (
+        ([sys.executable, os.path.join(REPO, "eval.py"), "--config", "tests/tiny.py",
+          f"--workdir={halved}", data, "--config.eval.max_batches=1"], "(step 2)"),
+        (_train_cmd(halved, tiny_data_dir, "--config.train.num_steps=4",
+                    "--config.train.checkpoint_every=1"), "Resumed from the checkpoint of step 2"),
+    ):
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                                env=_subprocess_env(1), timeout=300)
+        console = result.stdout + result.stderr
+        assert result.returncode == 0 and done in console, console[-3000:]
+        warnings = [x for x in console.splitlines() if "does not verify" in x]
+        assert len(warnings) == 1 and "step 3" in warnings[0], warnings
+        assert "its state cannot be read" in warnings[0], warnings
+        assert "Traceback" not in console and "Event loop is closed" not in console, console
+    assert os.listdir(f"{halved}/rejected_checkpoints") == ["3"]
+    assert Checkpointer(f"{halved}/checkpoints", read_only=True).all_steps() == [2, 3, 4]
 
     # Nothing verifies: one line listing every step tried.
     for step in (1, 2, 3):
@@ -143,11 +170,56 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_that_verifies(
     assert all(f"step {s}: digest mismatch" in message for s in (3, 2, 1)), message
 
 
+# A process restoring a damaged step 2 of a state with one large array (its read still in flight
+# when the damaged small ones fail) and forty small ones in the other data files.
+_FAILED_READ_SCRIPT = """
+import glob, os, sys
+import jax, ml_collections, numpy as np
+from hemnet_jax.training.checkpointing import Checkpointer
+root = sys.argv[1]
+shapes = {"big": (1_000_000,), **{f"s{i}": (1000 + i,) for i in range(40)}}
+one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+tree = {k: np.random.default_rng(0).normal(size=s).astype(np.float32) for k, s in shapes.items()}
+ckpt = Checkpointer(root, keep=None)
+for step in (1, 2):
+    ckpt.save(step, jax.device_put(tree, one), {"model": {}, "dataset": None, "seed": 0},
+              force=True)
+    ckpt.wait()
+ckpt.close()
+files = sorted(glob.glob(f"{root}/2/state/ocdbt.process_0/d/*"), key=os.path.getsize)
+for f in files[:-1]:
+    os.truncate(f, os.path.getsize(f) // 2)
+config = ml_collections.ConfigDict({"model": {}, "data": {"name": None}, "seed": 0})
+ckpt = Checkpointer(root, read_only=True)
+for _ in range(3):
+    state, _ = ckpt.restore({k: jax.ShapeDtypeStruct(s, np.float32, sharding=one)
+                             for k, s in shapes.items()}, config, fallback=True)
+    assert all(np.array_equal(state[k], tree[k]) for k in tree)
+print("restored step 1 three times", flush=True)
+"""
+
+
+def test_a_failed_read_leaves_no_read_behind(tmp_path):
+    """When one read of a damaged step fails, the step's other reads still in flight finish
+    before orbax closes the restore's event loop: no 'Event loop is closed' traceback per read
+    (measured without the fix: 49 in this script's three restores)."""
+    result = subprocess.run([sys.executable, "-c", _FAILED_READ_SCRIPT, str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO, env=_subprocess_env(1),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "restored step 1 three times" in result.stdout
+    assert result.stderr.count("does not verify") == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, (
+        result.stderr[-3000:])
+
+
 @pytest.mark.heavy(seconds=30)
 def test_eval_with_an_explicit_damaged_checkpoint_stops_with_one_line(tiny_data_dir, tmp_path):
     config = _config(tiny_data_dir, num_steps=1, checkpoint_every=1)
     trainer.train_and_evaluate(config, str(tmp_path))
-    _flip(_biggest_data_file(f"{tmp_path}/checkpoints/1"))
+    # Every data file: evaluation reads only the model's arrays, wherever orbax put them.
+    for path in glob.glob(f"{tmp_path}/checkpoints/1/state/ocdbt.process_0/d/*"):
+        _flip(path)
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "eval.py"), "--config", "tests/tiny.py",
          f"--checkpoint={tmp_path}/checkpoints/1", f"--config.data.data_dir={tiny_data_dir}",
@@ -156,7 +228,8 @@ def test_eval_with_an_explicit_damaged_checkpoint_stops_with_one_line(tiny_data_
     )
     assert result.returncode == 1
     fatal = [x for x in result.stderr.splitlines() if x.startswith("FATAL:")]
-    assert len(fatal) == 1 and "step 1: digest mismatch in" in fatal[0], result.stderr[-2000:]
+    assert len(fatal) == 1 and re.search(r"step 1: (digest mismatch in|its state cannot be "
+                                         "read)", fatal[0]), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
 
@@ -200,7 +273,7 @@ def test_full_disk_is_reported_at_the_next_step_in_one_line(tiny_data_dir, tmp_p
     assert "step 4" in fatal[0] and "No space left on device" in fatal[0], fatal
     assert f"{tmp_path}/checkpoints" in fatal[0] and "resumes from step 2" in fatal[0], fatal
     assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
-    logged = [int(s) for s in __import__("re").findall(r"\] \[(\d+)\] .*loss=", result.stderr)]
+    logged = [int(s) for s in re.findall(r"\] \[(\d+)\] .*loss=", result.stderr)]
     assert max(logged) <= 6, logged  # stopped within the steps after the failed save
     config = _config(tiny_data_dir)
     model = create_model(config.model, num_classes=6)

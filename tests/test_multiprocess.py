@@ -1,13 +1,18 @@
-"""Two real train.py processes on localhost (2 CPU devices each, gloo): they agree with one
-process, and a preemption is agreed by every process. SIGTERM to one of them (and, in a second
-run, to each at a different step): both exit 0 within a bound, both save the same step, and the
-resumed run ends bitwise equal to a straight one. Also the single-process case of a SIGTERM
-during the final validation.
+"""Two real train.py processes on localhost (2 CPU devices each, gloo) agree: with one process,
+on a preemption notice that reached only one of them (in the loop, and before a resumed run's
+first step), and on the step to fall back to from a damaged checkpoint; the run, stopped and
+resumed through all of these, ends bitwise equal to a straight one. Also the single-process case
+of a SIGTERM during the final validation.
 
-One straight two-process run serves both the agreement with one process and the resumption
-check, so both are in one test.
+Every launch of two processes costs tens of seconds, so one straight run serves the agreement
+with one process and the final comparison, and one other run goes through the notices and the
+damaged step in sequence. A save that fails on one process only is not tested here: with orbax
+0.12.8 the other process learns of it only when orbax's barrier times out (AsyncOptions,
+600 s); see docs/operations.md.
 """
 
+import glob
+import os
 import re
 import signal
 import subprocess
@@ -27,8 +32,8 @@ from hemnet_jax.training.train_step import make_train_step
 from tests.test_train import REPO, _config, _free_port, _subprocess_env, _train_cmd, read_scalars
 from tests.tiny import tiny_config
 
-NUM_STEPS = 24
-EXIT_BOUND_S = 180  # from the first SIGTERM to both exits; includes compiling the digest
+NUM_STEPS = 16
+EXIT_BOUND_S = 180  # from a SIGTERM in the loop to both exits; includes compiling the digest
 
 
 class _Run:
@@ -48,6 +53,13 @@ class _Run:
             m = re.search(r"\] \[(\d+)\] .*loss=", line) or re.search(r"^\[(\d+)\] .*loss=", line)
             if m:
                 self.step = int(m.group(1))
+
+    def wait_for_line(self, text: str, timeout: float = 600) -> None:
+        """Until the process logged a line holding `text`."""
+        end = time.time() + timeout
+        while not any(text in x for x in self.lines):
+            assert self.proc.poll() is None and time.time() < end, "".join(self.lines[-40:])
+            time.sleep(0.02)
 
     def wait_for_step(self, step: int, timeout: float = 300, *, required: bool = True) -> None:
         """Until the process logged `step` (or, unless `required`, has exited)."""
@@ -69,15 +81,19 @@ def _two_processes(workdir, data_dir, *extra):
     """Process i of two (2 CPU devices each), NUM_STEPS steps without dropout, a log line per
     step, checkpoints only at the end unless `extra` says otherwise."""
     port = _free_port()
-    return [
-        _Run(_train_cmd(workdir, data_dir, f"--config.train.num_steps={NUM_STEPS}",
-                        "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
-                        "--config.model.dropout=0.0",
-                        *extra, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                        f"--process_id={i}"),
-             _subprocess_env(2))
-        for i in range(2)
-    ]
+    runs = []
+    for i in range(2):
+        cmd = _train_cmd(workdir, data_dir, f"--config.train.num_steps={NUM_STEPS}",
+                         "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
+                         "--config.model.dropout=0.0",
+                         *extra, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={i}")
+        runs.append(_Run(cmd, _subprocess_env(2)))
+    return runs
+
+
+def _output(runs) -> str:
+    return "".join(f"--- process {i}\n" + "".join(r.lines[-40:]) for i, r in enumerate(runs))
 
 
 def _restore(workdir, step=None, config=None, num_devices=1):
@@ -160,48 +176,56 @@ def _flat(tree) -> np.ndarray:
 
 
 @pytest.mark.heavy(seconds=300)
-def test_two_processes_agree_with_one_and_stop_together(tiny_data_dir, tmp_path):
+def test_two_processes_agree_on_steps_stops_and_fallbacks(tiny_data_dir, tmp_path):
     # 0. A straight run (a checkpoint kept every 2 steps) agrees with one process.
     straight_run = tmp_path / "straight"
     runs = _two_processes(straight_run, tiny_data_dir, "--config.train.checkpoint_every=2",
                           f"--config.train.keep_checkpoints={NUM_STEPS}")
-    assert [r.finish(400) for r in runs] == [0, 0], "".join(runs[0].lines[-30:])
+    assert [r.finish(400) for r in runs] == [0, 0], _output(runs)
     _assert_agrees_with_one_process(straight_run, tiny_data_dir)
 
-    # 1. SIGTERM to process 1 only.
-    runs = _two_processes(tmp_path / "one", tiny_data_dir)
+    # 1. A notice to process 1 only, at step 3 or later: both stop at the same step S and save it.
+    run = tmp_path / "run"
+    runs = _two_processes(run, tiny_data_dir)
     runs[1].wait_for_step(3)
     t0 = time.time()
     runs[1].proc.send_signal(signal.SIGTERM)
-    codes = [r.finish(EXIT_BOUND_S) for r in runs]
+    assert [r.finish(EXIT_BOUND_S) for r in runs] == [0, 0], _output(runs)
     elapsed_one = time.time() - t0
-    assert codes == [0, 0], "".join(runs[0].lines[-30:] + runs[1].lines[-30:])
-    ckpt = Checkpointer(f"{tmp_path}/one/checkpoints", read_only=True)
-    stop = ckpt.latest_step()
-    assert ckpt.all_steps() == [stop] and 3 < stop < NUM_STEPS, ckpt.all_steps()
+    (stop,) = Checkpointer(f"{run}/checkpoints", read_only=True).all_steps()
+    assert 3 < stop < NUM_STEPS - 1, stop
     for r in runs:  # every process stopped at that step, after a notice it did not all receive
         assert any(f"Stopped at step {stop} after a preemption notice" in x for x in r.lines)
 
-    # 2. SIGTERM to each process, at different steps.
-    runs = _two_processes(tmp_path / "each", tiny_data_dir)
-    runs[0].wait_for_step(2)
+    # 2. Resumed; a notice to process 1 only, before the restore: not lost, every process
+    # stops after the run's first step, S + 1.
+    runs = _two_processes(run, tiny_data_dir)
+    runs[1].wait_for_line("Config written to")
     t0 = time.time()
-    runs[0].proc.send_signal(signal.SIGTERM)
-    # The agreed stop may come before process 1 logs two more steps: then it has already exited
-    # and its own notice is moot (send_signal does nothing to a finished process).
-    runs[1].wait_for_step(runs[1].step + 2, required=False)
     runs[1].proc.send_signal(signal.SIGTERM)
-    codes = [r.finish(EXIT_BOUND_S) for r in runs]
-    elapsed_each = time.time() - t0
-    assert codes == [0, 0], "".join(runs[0].lines[-30:] + runs[1].lines[-30:])
-    steps = Checkpointer(f"{tmp_path}/each/checkpoints", read_only=True).all_steps()
-    assert len(steps) == 1 and 2 < steps[0] < NUM_STEPS, steps
-    print(f"exit after the first SIGTERM: {elapsed_one:.1f} s (one), {elapsed_each:.1f} s (each)")
+    assert [r.finish(400) for r in runs] == [0, 0], _output(runs)  # a restore, a step, a save
+    elapsed_early = time.time() - t0
+    for r in runs:
+        assert any(f"Stopped at step {stop + 1} after a preemption notice" in x
+                   for x in r.lines), _output(runs)
+    assert Checkpointer(f"{run}/checkpoints", read_only=True).all_steps() == [stop, stop + 1]
+    print(f"exit after the SIGTERM: {elapsed_one:.1f} s (in the loop), {elapsed_early:.1f} s "
+          "(before the restore)")
 
-    # 3. The first run resumed (two processes again) equals a straight run, bitwise.
-    runs = _two_processes(tmp_path / "one", tiny_data_dir)
-    assert [r.finish(400) for r in runs] == [0, 0], "".join(runs[0].lines[-30:])
-    resumed, straight = _restore(tmp_path / "one"), _restore(straight_run)
+    # 3. Step S + 1 damaged (its data files cut to half): both processes skip it, resume from
+    # S, and the run ends bitwise equal to the straight one.
+    for path in glob.glob(f"{run}/checkpoints/{stop + 1}/state/ocdbt.process_*/d/*"):
+        os.truncate(path, os.path.getsize(path) // 2)
+    runs = _two_processes(run, tiny_data_dir)
+    assert [r.finish(400) for r in runs] == [0, 0], _output(runs)
+    for r in runs:
+        warnings = [x for x in r.lines if "does not verify" in x]
+        assert len(warnings) == 1 and f"step {stop + 1}" in warnings[0], _output(runs)
+        assert any(f"Resumed from the checkpoint of step {stop}" in x for x in r.lines), (
+            _output(runs))
+        assert "Traceback" not in "".join(r.lines), _output(runs)
+    assert os.listdir(f"{run}/rejected_checkpoints") == [str(stop + 1)]
+    resumed, straight = _restore(run), _restore(straight_run)
     assert int(resumed.step) == int(straight.step) == NUM_STEPS
     assert _bitwise_equal(resumed, straight)
 

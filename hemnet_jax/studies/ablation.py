@@ -51,6 +51,11 @@ TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 DEFAULT_T_EVAL = "1,2,3,4,6,8,12,16"  # the paper's Table 2
 LABELS = {"model.step_size": "eta"}  # column labels: readable names of grid keys
 NUM_ITERS = "model.num_iters"
+# Arguments train_cell gives train.py after `--config SPEC` that do not change what a cell
+# trains: not part of its identity (cell.json), so that roots of other releases stay valid.
+# train.py's final validation is off: the study evaluates each cell at every T_eval (a shared
+# override, which comes after it, can turn it on).
+LAUNCH_ONLY_ARGS = ("--config.train.validate_at_end=False",)
 
 
 class UserError(errors.UserError, ValueError):
@@ -96,10 +101,15 @@ class Cell:
         return f"{spec},emanet" if ":" in spec else f"{spec}:emanet"
 
     def train_args(self, spec: str, shared: Sequence[str]) -> list[str]:
-        """train.py's arguments other than --workdir. train.py's own final validation is off
-        (the study evaluates each cell at every T_eval); a shared override can turn it on."""
-        return ["--config", self.config_spec(spec), "--config.train.validate_at_end=False", *shared,
+        """train.py's arguments that make the cell (other than --workdir and LAUNCH_ONLY_ARGS)."""
+        return ["--config", self.config_spec(spec), *shared,
                 *(f"--config.{k}={v}" for k, v in self.overrides)]
+
+    def launch_args(self, spec: str, shared: Sequence[str]) -> list[str]:
+        """What train_cell gives train.py (other than --workdir): train_args with
+        LAUNCH_ONLY_ARGS after `--config SPEC`."""
+        args = self.train_args(spec, shared)
+        return [*args[:2], *LAUNCH_ONLY_ARGS, *args[2:]]
 
 
 def _short(key: str) -> str:
@@ -199,6 +209,9 @@ class Plan:
     def train_args(self, cell: Cell) -> list[str]:
         return cell.train_args(self.spec, self.shared)
 
+    def launch_args(self, cell: Cell) -> list[str]:
+        return cell.launch_args(self.spec, self.shared)
+
 
 def make_plan(root: str, spec: str, shared: Sequence[str], grid: Sequence[str],
               emanet: Sequence[str], repeats: Sequence[str], t_eval: str) -> Plan:
@@ -229,7 +242,7 @@ def make_plan(root: str, spec: str, shared: Sequence[str], grid: Sequence[str],
         raise UserError("--t_eval: give at least one T_eval (e.g. 1,2,3,4,6,8).")
     configs = {}
     for cell in cells:
-        args = cell.train_args(spec, shared)
+        args = cell.launch_args(spec, shared)
         message = cli.unknown_override(args)
         if message:
             raise UserError(f"cell {cell.name}: {message}")
@@ -244,7 +257,8 @@ def check_root(plan: Plan) -> None:
     """Every cell already in the root must have been started with the same arguments."""
     for cell in plan.cells:
         record = _read_json(os.path.join(plan.workdir(cell), "cell.json"))
-        if record is not None and record.get("train_args") != plan.train_args(cell):
+        recorded = record and [a for a in record.get("train_args", []) if a not in LAUNCH_ONLY_ARGS]
+        if record is not None and recorded != plan.train_args(cell):
             raise UserError(
                 f"{plan.workdir(cell)}/cell.json: this cell was started with the arguments "
                 f"{record.get('train_args')}, not {plan.train_args(cell)}. Re-run with the "
@@ -296,8 +310,9 @@ def train_cell(plan: Plan, cell: Cell, stop: _Stop) -> int:
         "repeat_of": cell.repeat_of, "train_args": args})
     start = time.time()
     with open(os.path.join(workdir, "train.log"), "a") as log:
+        launch = plan.launch_args(cell)
         stop.child = subprocess.Popen(
-            [sys.executable, TRAIN_PY, "--workdir", workdir, *args],
+            [sys.executable, TRAIN_PY, "--workdir", workdir, *launch],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         if stop.requested:  # a signal between the check and the start
             stop.child.send_signal(signal.SIGTERM)
@@ -308,7 +323,7 @@ def train_cell(plan: Plan, cell: Cell, stop: _Stop) -> int:
         sys.stdout.flush()
     stop.child = None
     with open(os.path.join(workdir, "train_runs.jsonl"), "a") as f:
-        f.write(json.dumps({"train_args": args, "wall_s": round(time.time() - start, 1),
+        f.write(json.dumps({"train_args": launch, "wall_s": round(time.time() - start, 1),
                             "returncode": code, "end": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                      time.gmtime())}) + "\n")
     return code

@@ -10,12 +10,16 @@ with one warning line for the newest step that verifies (see docs/operations.md)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -29,6 +33,9 @@ RUNTIME_ONLY_MODEL_KEYS = frozenset({"pretrained", "dtype", "remat", "aux_loss_w
 # Model keys added after checkpoints were first written: a checkpoint without one was trained
 # with this value (the behaviour before the key existed).
 ADDED_MODEL_KEYS = {"freeze_unit_conv_in": False}
+# Model keys that change only what the optimiser updates, not what the trained model computes:
+# evaluation ignores them (and restores no optimiser state).
+TRAINING_ONLY_MODEL_KEYS = frozenset({"freeze_unit_conv_in"})
 
 
 def resolve_path(path: str) -> str:
@@ -59,6 +66,43 @@ def _configure_array_writes() -> None:
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
+# Orbax runs each restore in a fresh asyncio event loop and closes that loop as soon as the
+# restore returns or raises. When one read of a damaged step fails, its exception ends the
+# restore while TensorStore's other reads of the step are still in flight; each of them then
+# completes into the closed loop (`call_soon_threadsafe`: "RuntimeError: Event loop is closed",
+# one traceback per read, from TensorStore's threads). A loop created during our restores first
+# lets its pending tasks finish (or cancels them after DRAIN_TIMEOUT_S), then closes.
+DRAIN_TIMEOUT_S = 120.0
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop whose `close` waits for its pending tasks (their errors are discarded)."""
+
+    def close(self) -> None:
+        pending = [] if self.is_running() or self.is_closed() else [
+            t for t in asyncio.all_tasks(self) if not t.done()]
+        if pending:
+            with contextlib.suppress(Exception):
+                self.run_until_complete(asyncio.wait_for(
+                    asyncio.gather(*pending, return_exceptions=True), DRAIN_TIMEOUT_S))
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _DrainingEventLoop
+
+
+@contextlib.contextmanager
+def _reads_finish_before_loops_close() -> Iterator[None]:
+    """New asyncio event loops (orbax's, during the block) wait for their tasks before closing."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
 class CheckpointMismatchError(ValueError, UserError):
     """A checkpoint was written by a run with another model or dataset."""
 
@@ -83,12 +127,14 @@ def run_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"model": model, "dataset": config.data.name, "seed": config.seed}
 
 
-def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, where: str) -> None:
-    """Raises CheckpointMismatchError naming every model key (and the dataset) that differs."""
+def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, where: str, *,
+                     evaluation: bool = False) -> None:
+    """Raises CheckpointMismatchError naming every model key (and the dataset) that differs
+    (for `evaluation`, apart from TRAINING_ONLY_MODEL_KEYS)."""
     current = run_metadata(config)
-    diffs = []
+    diffs, unrecorded = [], []
     for key in sorted(set(saved.get("model", {})) | set(current["model"])):
-        if key in RUNTIME_ONLY_MODEL_KEYS:
+        if key in RUNTIME_ONLY_MODEL_KEYS or (evaluation and key in TRAINING_ONLY_MODEL_KEYS):
             continue
         old, new = (
             saved.get("model", {}).get(key, ADDED_MODEL_KEYS.get(key, "<absent>")),
@@ -96,9 +142,19 @@ def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, w
         )
         if old != new:
             diffs.append(f"  model.{key}: checkpoint {old!r}, config {new!r}")
+            if key in ADDED_MODEL_KEYS and key not in saved.get("model", {}):
+                unrecorded.append((f"model.{key}", old))
     if saved.get("dataset") != current["dataset"]:
         diffs.append(
             f"  data.name: checkpoint {saved.get('dataset')!r}, config {current['dataset']!r}"
+        )
+    if diffs and len(unrecorded) == len(diffs):  # only keys the checkpoint predates
+        keys = " and ".join(k for k, _ in unrecorded)
+        flags = " ".join(f"--config.{k}={v}" for k, v in unrecorded)
+        raise CheckpointMismatchError(
+            f"The checkpoint {where} was written before {keys} existed, so it was trained with "
+            f"{', '.join(f'{k}={v}' for k, v in unrecorded)}: add {flags} to continue it as it "
+            "was trained, or start afresh in another --workdir (evaluating it needs no flag)."
         )
     if diffs:
         hint = ""
@@ -112,10 +168,12 @@ def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, w
 
 
 def check_recorded_config(
-    config: ml_collections.ConfigDict, directory: str, step: int | None = None
+    config: ml_collections.ConfigDict, directory: str, step: int | None = None, *,
+    evaluation: bool = False,
 ) -> int | None:
     """Checks the run recorded with a checkpoint of `directory` (`step`, default the newest whose
-    metadata reads) against `config`, reading only its JSON, before any model or dataset is built.
+    metadata reads) against `config` (for `evaluation`: see `check_compatible`), reading only its
+    JSON, before any model or dataset is built.
 
     Returns:
       The step checked; None when `directory` holds no checkpoint whose metadata reads.
@@ -130,7 +188,7 @@ def check_recorded_config(
         candidates = [step] if step is not None else sorted(ckpt.all_steps(), reverse=True)
         for candidate in candidates:
             try:
-                ckpt.check_config(config, candidate)
+                ckpt.check_config(config, candidate, evaluation=evaluation)
                 return candidate
             except _Unverified as e:
                 if step is not None:
@@ -224,6 +282,7 @@ class Checkpointer:
         *,
         fallback: bool = False,
         quarantine: bool = False,
+        evaluation: bool = False,
     ) -> tuple[Any, dict[str, Any]]:
         """Restores and verifies `step` (default: the latest) into the shapes and shardings of
         `abstract_state`, after checking the run's metadata against `config`.
@@ -233,6 +292,9 @@ class Checkpointer:
             for the newest older step that verifies.
           quarantine: move failed steps to `<workdir>/rejected_checkpoints/` (training does, so
             that new saves do not meet them).
+          evaluation: the model only: `abstract_state` (a TrainState) comes back with
+            opt_state None, whatever optimiser state the checkpoint holds; the training-only
+            model keys are not compared (`check_compatible`).
         Raises:
           CheckpointMismatchError: the checkpoint was written by another model configuration.
           NoVerifiedCheckpointError: nothing tried verified; the message lists what was tried.
@@ -248,7 +310,7 @@ class Checkpointer:
         failures = []
         for candidate in candidates:
             try:
-                restored = self._restore_verified(abstract_state, config, candidate)
+                restored = self._restore_verified(abstract_state, config, candidate, evaluation)
             except _Unverified as e:
                 failures.append((candidate, str(e)))
                 more = fallback and step is None and candidate != candidates[-1]
@@ -266,30 +328,48 @@ class Checkpointer:
             "checkpoints, or start afresh in another --workdir (see docs/operations.md)."
         )
 
-    def check_config(self, config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
+    def check_config(self, config: ml_collections.ConfigDict, step: int, *,
+                     evaluation: bool = False) -> dict[str, Any]:
         """The run metadata recorded with `step` (JSON only, no state read), after checking it
         against `config` (CheckpointMismatchError names every key that differs); _Unverified
-        when it cannot be read."""
+        when it cannot be read (on any process: every process calls this together)."""
+        meta, error = None, ""
         try:
-            meta = self._manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-            )["meta"]
+            with _reads_finish_before_loops_close():
+                meta = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )["meta"]
         except Exception as e:  # noqa: BLE001  (any damage reads as "does not verify")
-            raise _Unverified(f"its metadata cannot be read: {_one_line(e)}") from None
-        if not isinstance(meta, dict):
-            raise _Unverified("its metadata is not a JSON object")
-        check_compatible(meta, config, os.path.join(self.directory, str(step)))
+            error = f"its metadata cannot be read: {_one_line(e)}"
+        if not error and not isinstance(meta, dict):
+            error = "its metadata is not a JSON object"
+        _raise_if_any_process_failed(error)
+        check_compatible(meta, config, os.path.join(self.directory, str(step)),
+                         evaluation=evaluation)
         return meta
 
-    def _restore_verified(self, abstract_state, config, step: int) -> tuple[Any, dict[str, Any]]:
-        meta = self.check_config(config, step)
+    def _restore_verified(self, abstract_state, config, step: int,
+                          evaluation: bool = False) -> tuple[Any, dict[str, Any]]:
+        meta = self.check_config(config, step, evaluation=evaluation)
+        if evaluation:  # every field of the TrainState but the optimiser's
+            item = {k: v for k, v in vars(abstract_state).items() if k != "opt_state"}
+            args = ocp.args.PyTreeRestore(
+                item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True)
+        else:
+            args = ocp.args.StandardRestore(abstract_state)
+        state, error = None, ""
         try:
-            state = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-            )["state"]
+            with _reads_finish_before_loops_close():
+                state = self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
         except Exception as e:  # noqa: BLE001
-            raise _Unverified(f"its state cannot be read: {_one_line(e)}") from None
+            error = f"its state cannot be read: {_one_line(e)}"
+        _raise_if_any_process_failed(error)  # before the digest, which every process computes
         recorded = meta.get("digest")
+        if evaluation:
+            state = abstract_state.replace(**state, opt_state=None)
+            if recorded is not None:
+                recorded = {k: v for k, v in recorded.items() if not k.startswith("opt_state/")}
         if recorded is None:
             logging.warning("Checkpoint step %d has no digest (written before digests were "
                             "recorded): restored without verification.", step)
@@ -326,6 +406,23 @@ class Checkpointer:
             return
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _on_every_process(value: int) -> list[int]:
+    """`value` of each process, by process index (every process must call this together)."""
+    if jax.process_count() == 1:
+        return [value]
+    return [int(v) for v in np.ravel(multihost_utils.process_allgather(np.int32(value)))]
+
+
+def _raise_if_any_process_failed(error: str) -> None:
+    """_Unverified on every process if `error` (this process's, "" for none) or another
+    process's is set: every process then skips the same step."""
+    failed = [i for i, code in enumerate(_on_every_process(int(bool(error)))) if code]
+    if error:
+        raise _Unverified(error)
+    if failed:
+        raise _Unverified(f"it cannot be read on process {', '.join(map(str, failed))}")
 
 
 def _one_line(error: BaseException) -> str:

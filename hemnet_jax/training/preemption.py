@@ -2,9 +2,12 @@
 
 Multi-process runs (`jax.distributed`, whose preemption service is on by default): JAX installs
 its own SIGTERM notifier in `jax.distributed.initialize`. A notice on any host reaches the
-coordination service, which sets the stop step to the fastest process's step + 1, and
-`multihost_utils.reached_preemption_sync_point(step)` turns True at that step on every process.
-No Python SIGTERM handler is installed there: it would replace JAX's notifier.
+coordination service, which sets the stop step to the fastest process's step count + 1, and
+`multihost_utils.reached_preemption_sync_point(count)` turns True at that count on every process.
+The counts given to JAX are the steps of this invocation (0 at the step the run resumed from, as
+JAX's own count starts), so a notice that arrives before the first step (during the restore or
+the compile) stops the run after its first step. No Python SIGTERM handler is installed there:
+it would replace JAX's notifier.
 
 Single-process runs, and multi-process runs with `jax_enable_preemption_service` off: a Python
 SIGTERM handler sets a flag; with several processes the flags are agreed (an all-gather of one
@@ -33,14 +36,14 @@ class PreemptionWatcher:
         self._event = threading.Event()
         self._agree_every = max(agree_every, 1)
         self._jax_service = False
+        self._start_step = 0
 
     def install(self, start_step: int) -> PreemptionWatcher:
         """Starts watching from `start_step`, the step every process resumes from."""
+        self._start_step = start_step
         if jax.process_count() > 1:
             try:
-                # Registers this process's step with JAX's sync manager now: a notice that comes
-                # before the first step would otherwise pick its stop step from a count of 0.
-                multihost_utils.reached_preemption_sync_point(start_step)
+                multihost_utils.reached_preemption_sync_point(0)  # fails if the service is off
                 self._jax_service = True
             except RuntimeError:  # jax_enable_preemption_service is off
                 self._jax_service = False
@@ -57,7 +60,7 @@ class PreemptionWatcher:
     def reached(self, step: int) -> bool:
         """True at the step where every process stops; call it at every step, on every process."""
         if self._jax_service:
-            return multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(step - self._start_step)
         if jax.process_count() == 1:
             return self._event.is_set()
         if step % self._agree_every:

@@ -194,7 +194,7 @@ def restore_for_eval(
 ) -> Restored:
     """Restores the model variables of a training checkpoint (see `locate_checkpoint`).
 
-    The optimiser state is restored too (the checkpoint's tree includes it) and then dropped.
+    The optimiser state is not read: a checkpoint evaluates whatever optimiser it trained with.
 
     A checkpoint is verified against its recorded digest. Named by a workdir or a checkpoints
     directory, a latest step that fails is skipped (one warning line) for the newest step that
@@ -208,14 +208,15 @@ def restore_for_eval(
     """
     mesh = sharding.create_mesh() if mesh is None else mesh
     directory, step = locate_checkpoint(workdir, checkpoint)
-    if checkpointing.check_recorded_config(config, directory, step) is None:
+    if checkpointing.check_recorded_config(config, directory, step, evaluation=True) is None:
         raise CheckpointNotFoundError(f"No checkpoint in {directory} whose metadata reads.")
     info = datasets.get_dataset_info(config.data.name)
     model = create_model(config.model, info.num_classes)
     tx, _ = optimizer_for(config, model)
     ckpt = checkpointing.Checkpointer(directory, read_only=True)
     try:
-        state, _ = ckpt.restore(abstract_state(model, tx, mesh), config, step, fallback=True)
+        state, _ = ckpt.restore(abstract_state(model, tx, mesh), config, step, fallback=True,
+                                evaluation=True)
         step = int(jax.device_get(state.step))
     finally:
         ckpt.close()
