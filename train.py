@@ -16,7 +16,7 @@ import sys
 import jax
 from absl import flags, logging
 
-from hemnet_jax import cli, config_check, trainer
+from hemnet_jax import cli, config_check, storage, trainer
 from hemnet_jax.data import datasets
 from hemnet_jax.training import checkpointing, sharding
 from hemnet_jax.training.workdir_lock import run_lock
@@ -34,6 +34,7 @@ def main(argv):
     cli.quiet_library_logs()
     sharding.initialize_distributed(**cli.distributed_args())
     config, workdir = flags.FLAGS.config, config_check.expand_path(flags.FLAGS.workdir)
+    storage.check_bucket(workdir, "--workdir")  # before the first read of a gs:// workdir
     checkpoints = os.path.join(workdir, "checkpoints")
     resuming = checkpointing.has_checkpoint(checkpoints)
     config_check.check(config, datasets=datasets.registry(), num_devices=jax.device_count(),
