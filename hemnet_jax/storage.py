@@ -8,7 +8,8 @@ Paths that may be gs:// go through etils epath. `configure()` (every program cal
   in; gcsfs's listing cache is off (another host's writes must be seen at once);
 - with `STORAGE_EMULATOR_HOST=http://HOST:PORT` (a Cloud Storage API server such as the local
   one the tests start, docs/operations.md), TensorStore (orbax's arrays) is pointed at it with
-  `TENSORSTORE_GCS_HTTP_URL`, and gcsfs skips the bucket-layout API such servers lack.
+  `TENSORSTORE_GCS_HTTP_URL`; neither looks for credentials (nor for a metadata server), and
+  gcsfs skips the bucket-layout API such servers lack.
 TensorFlow's own gs:// reads (tf.data over a TFDS data_dir) cannot be pointed at such a server.
 """
 
@@ -19,6 +20,7 @@ import os
 import shutil
 import tempfile
 import urllib.parse
+from collections.abc import Mapping
 
 from hemnet_jax.errors import UserError
 
@@ -51,10 +53,13 @@ def configure() -> None:
     for protocol in ("gs", "gcs"):
         fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
     url = emulator_url()
-    if url is not None:
+    if url is not None:  # no credentials, and no look for them beyond the server
         os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
-        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
         os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # TensorStore's
+        os.environ.setdefault("NO_GCE_CHECK", "true")  # google-auth: no metadata server
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        for protocol in ("gs", "gcs"):
+            fsspec.config.conf[protocol].setdefault("token", "anon")
 
 
 def _bucket(path: str) -> str:
@@ -107,6 +112,18 @@ def check_bucket(path: str, key: str) -> None:
 def _split(path: str) -> tuple[str, str]:
     parsed = urllib.parse.urlparse(path)
     return parsed.netloc, parsed.path.lstrip("/")
+
+
+def require_local(program: str, paths: Mapping[str, str | None]) -> None:
+    """Raises StorageError naming `program` and the key if one of `paths` (key -> path) is a URL:
+    for what a program reads or writes with local-only libraries (PIL, matplotlib, subprocesses'
+    log files)."""
+    for key, path in paths.items():
+        if is_remote(path):
+            raise StorageError(
+                f"{program}: {key} {path}: this program reads and writes it as a local path; "
+                "pass a local path (copy to or from the bucket with gcloud storage cp)."
+            )
 
 
 def check_tensorflow_path(path: str | None, key: str) -> None:

@@ -8,6 +8,7 @@ every other layer's setting from it. This process sets the same variables for it
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,9 +16,10 @@ import threading
 import time
 
 import jax
+import numpy as np
 import pytest
 
-from hemnet_jax import storage, trainer
+from hemnet_jax import storage
 from hemnet_jax.training import sharding
 from hemnet_jax.training.checkpointing import Checkpointer
 from tests.gcs_server import GcsServer
@@ -25,7 +27,7 @@ from tests.test_multiprocess import _bitwise_equal, _restore, _Run
 from tests.test_train import REPO, _config, _subprocess_env, _train_cmd, read_scalars
 
 BUCKET = "bkt"
-STEPS = 8  # checkpoints every 3 steps (tests/tiny.py): 3, 6 and the final 8
+STEPS = 8  # a checkpoint every step, the last 3 kept: 6, 7, 8 at the end
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +136,14 @@ def bucket_run(gcs, tiny_data_dir, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cwd")
     workdir = f"gs://{BUCKET}/run"
     cmd = _train_cmd(workdir, tiny_data_dir, f"--config.train.num_steps={STEPS}",
-                     "--config.train.log_every=1", "--config.train.checkpoint_every=3")
+                     "--config.train.log_every=1", "--config.train.checkpoint_every=1")
     cmd[2:4] = ["--config", os.path.join(REPO, "tests/tiny.py")]
     env = _env(gcs)
+    # The uninterrupted reference: the same command into a local workdir, alongside.
+    local = str(tmp_path_factory.mktemp("straight"))
+    straight = subprocess.Popen([*cmd[:4], "--workdir", local, *cmd[6:]],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=env, cwd=REPO)
     first = _Run(cmd, env)
     try:
         first.wait_for_step(1)
@@ -144,17 +151,17 @@ def bucket_run(gcs, tiny_data_dir, tmp_path_factory):
         contender = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd,
                                    timeout=300)
         first.proc.send_signal(signal.SIGCONT)
-        first.wait_for_step(4)  # the save of step 3 started (maybe not finished: either is fine)
+        # Step 4's save waited for step 3's to be committed: a checkpoint to resume from.
+        first.wait_for_step(5)
         first.proc.send_signal(signal.SIGKILL)
     finally:
         first.finish(60)
     resumed = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # The uninterrupted reference, on local disk, on the subprocess's 2 devices.
-    config = _config(tiny_data_dir, num_steps=STEPS, log_every=1, checkpoint_every=3)
-    straight = trainer.train_and_evaluate(config, str(tmp_path_factory.mktemp("straight")),
-                                          mesh=sharding.create_mesh(jax.devices()[:2]))
-    return workdir, cwd, contender, resumed, jax.device_get(straight), config
+    _, err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, err[-3000:]
+    config = _config(tiny_data_dir, num_steps=STEPS, log_every=1, checkpoint_every=1)
+    return workdir, cwd, contender, resumed, _restore(local, config=config), config
 
 
 @pytest.mark.heavy(seconds=120)
@@ -174,7 +181,8 @@ def test_training_in_a_bucket_resumes_exactly_and_falls_back(bucket_run, tmp_pat
     assert any(n.startswith("events.out.tfevents.") for n in names), names
     assert json.loads(fs.cat(f"{BUCKET}/run/config.json"))["train"]["num_steps"] == STEPS
     log = fs.cat(f"{BUCKET}/run/train.log").decode()
-    assert "Initialised a new run" in log and "Resumed from the checkpoint of step" in log
+    assert "Initialised a new run" in log, log
+    assert re.search(r"Resumed from the checkpoint of step [3-7] in gs://bkt/run", log), log
     # TensorBoard's events from the bucket: the resumed run logged the last step.
     local_events = tmp_path / "events"
     fs.get([f"{BUCKET}/run/{n}" for n in names if n.startswith("events")], str(local_events) + "/")
@@ -182,22 +190,26 @@ def test_training_in_a_bucket_resumes_exactly_and_falls_back(bucket_run, tmp_pat
 
     # The final state, read back from the bucket (digests verified), equals the straight run.
     ckpt = Checkpointer(f"{workdir}/checkpoints", read_only=True)
-    assert ckpt.all_steps() == [3, 6, STEPS]
+    assert ckpt.all_steps() == [6, 7, STEPS]
     final = _restore(workdir, config=config)
     assert int(final.step) == STEPS and _bitwise_equal(final, straight)
 
-    # Damage in the bucket: the latest step truncated, then the next one missing an object.
+    # Damage in the bucket (a copy of the run): the latest step truncated, then the next one
+    # missing an object.
+    fs.copy(f"{BUCKET}/run", f"{BUCKET}/damaged", recursive=True)
+    workdir = f"gs://{BUCKET}/damaged"
+
     def biggest(step):
-        files = fs.find(f"{BUCKET}/run/checkpoints/{step}/state")
+        files = fs.find(f"{BUCKET}/damaged/checkpoints/{step}/state")
         return max(files, key=fs.size)
 
     victim = biggest(STEPS)
     fs.pipe(victim, fs.cat(victim)[:100])
     restored, _ = _fallback(workdir, config)
-    assert int(restored.step) == 6
-    fs.rm(biggest(6))
+    assert int(restored.step) == 7
+    fs.rm(biggest(7))
     restored, _ = _fallback(workdir, config)
-    assert int(restored.step) == 3
+    assert int(restored.step) == 6
 
 
 def _fallback(workdir, config):
@@ -230,3 +242,112 @@ def _closed_port() -> int:
     from tests.gcs_server import free_port
 
     return free_port()
+
+
+@pytest.mark.heavy(seconds=45)
+def test_evaluation_and_prediction_from_a_bucket_workdir(bucket_run, gcs, tiny_data_dir,
+                                                         tmp_path):
+    """eval.py writes its JSON into the bucket; the same evaluation in-process into a local
+    folder agrees; predict segments local images from the bucket's checkpoint."""
+    from PIL import Image
+
+    from hemnet_jax.evaluation import predict, runner
+    from hemnet_jax.training.state import restore_for_eval
+
+    workdir, config = bucket_run[0], bucket_run[5]
+    result = subprocess.run(
+        [sys.executable, "eval.py", "--config", "tests/tiny.py", "--workdir", workdir,
+         "--output_dir", f"gs://{BUCKET}/evals", f"--config.data.data_dir={tiny_data_dir}",
+         "--config.eval.max_batches=1"],
+        capture_output=True, text=True, env=_env(gcs), cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fs = _fs()
+    [written] = fs.find(f"{BUCKET}/evals/eval")
+    in_bucket = json.loads(fs.cat(written))
+    assert in_bucket["step"] == STEPS and in_bucket["checkpoint"].startswith(workdir)
+    local = runner.evaluate(config, workdir=workdir, output_dir=str(tmp_path / "out"))
+    assert os.path.isfile(local["json"]) and local["json"].startswith(str(tmp_path))
+    assert local["results"][0]["miou"] == pytest.approx(in_bucket["results"][0]["miou"])
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), np.uint8)).save(
+        images / "a.png")
+    restored = restore_for_eval(config, workdir=workdir,
+                                mesh=sharding.create_mesh(jax.local_devices()[:1]))
+    assert restored.step == STEPS
+    segment = predict.make_segmenter(restored.model, restored.variables, config)
+    [(mask, _)] = predict.predict_folder(segment, images, tmp_path / "masks")
+    assert np.asarray(Image.open(mask)).shape == (40, 48)
+
+
+@pytest.mark.heavy(seconds=30)
+def test_programs_that_cannot_take_a_bucket_path_refuse_it(gcs, tiny_data_dir, tmp_path):
+    """One FATAL line naming the program and the key, before any work; run side by side."""
+    runs = {
+        ("hemnet_jax.evaluation.predict", "--images"): [
+            "-m", "hemnet_jax.evaluation.predict", "--config", "tests/tiny.py",
+            "--workdir", f"gs://{BUCKET}/run", "--images", f"gs://{BUCKET}/images",
+            "--output", str(tmp_path / "masks")],
+        ("hemnet_jax.studies.ablation", "--root"): [
+            "-m", "hemnet_jax.studies.ablation", "--config", "tests/tiny.py",
+            "--root", f"gs://{BUCKET}/ablation", "--grid", "model.num_iters=1,2"],
+        ("hemnet_jax.studies.gradient_flow", "--output_dir"): [
+            "-m", "hemnet_jax.studies.gradient_flow", "--config", "tests/tiny.py",
+            "--workdir", f"gs://{BUCKET}/run"],
+        ("data.data_dir", "TensorFlow"): [
+            "train.py", "--config", "tests/tiny.py", "--workdir", str(tmp_path / "w"),
+            f"--config.data.data_dir=gs://{BUCKET}/tfds"],
+    }
+    procs = {words: subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=_env(gcs), cwd=REPO)
+             for words, args in runs.items()}
+    for words, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        line = _fatal_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+        assert all(w in line for w in words), line
+    assert not os.path.exists(tmp_path / "masks") and not os.path.exists(tmp_path / "w")
+
+
+MP_STEPS = 6
+
+
+def _two_processes_in_bucket(gcs, workdir, data_dir):
+    """train.py as process i of two (2 CPU devices each) on one gs:// workdir: hosts that share
+    nothing but the bucket. No dropout, a log line per step, a checkpoint only at the end."""
+    from tests.test_train import _free_port
+
+    port = _free_port()
+    return [
+        _Run(_train_cmd(workdir, data_dir, f"--config.train.num_steps={MP_STEPS}",
+                        "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
+                        "--config.model.dropout=0.0", f"--coordinator_address=127.0.0.1:{port}",
+                        "--num_processes=2", f"--process_id={i}"),
+             _env(gcs))
+        for i in range(2)
+    ]
+
+
+@pytest.mark.heavy(seconds=150)
+def test_sigterm_in_a_two_process_run_with_a_bucket_workdir(gcs, tiny_data_dir):
+    """SIGTERM to one of two processes: both stop at one step, save it to the bucket and exit 0;
+    resumed, the run ends bitwise equal to a straight two-process run (run alongside)."""
+    straight = _two_processes_in_bucket(gcs, f"gs://{BUCKET}/mp_straight", tiny_data_dir)
+    runs = _two_processes_in_bucket(gcs, f"gs://{BUCKET}/mp", tiny_data_dir)
+    runs[1].wait_for_step(2)
+    runs[1].proc.send_signal(signal.SIGTERM)
+    codes = [r.finish(300) for r in runs]
+    assert codes == [0, 0], "".join(runs[0].lines[-30:] + runs[1].lines[-30:])
+    ckpt = Checkpointer(f"gs://{BUCKET}/mp/checkpoints", read_only=True)
+    [stop] = ckpt.all_steps()
+    assert 2 <= stop < MP_STEPS
+    for r in runs:  # every process stopped at that step
+        assert any(f"Stopped at step {stop} after a preemption notice" in x for x in r.lines)
+    assert [r.finish(400) for r in straight] == [0, 0], "".join(straight[0].lines[-30:])
+
+    resumed = _two_processes_in_bucket(gcs, f"gs://{BUCKET}/mp", tiny_data_dir)
+    assert [r.finish(400) for r in resumed] == [0, 0], "".join(resumed[0].lines[-30:])
+    assert any(f"Resumed from the checkpoint of step {stop}" in x for x in resumed[0].lines)
+    a, b = _restore(f"gs://{BUCKET}/mp"), _restore(f"gs://{BUCKET}/mp_straight")
+    assert int(a.step) == int(b.step) == MP_STEPS
+    assert _bitwise_equal(a, b)
