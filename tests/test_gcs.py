@@ -248,10 +248,12 @@ def _closed_port() -> int:
 def test_evaluation_and_prediction_from_a_bucket_workdir(bucket_run, gcs, tiny_data_dir,
                                                          tmp_path):
     """eval.py writes its JSON into the bucket; the same evaluation in-process into a local
-    folder agrees; predict segments local images from the bucket's checkpoint."""
+    folder agrees; the gradient study and predict read the bucket's checkpoint."""
     from PIL import Image
 
     from hemnet_jax.evaluation import predict, runner
+    from hemnet_jax.models import create_model
+    from hemnet_jax.studies import gradient_flow
     from hemnet_jax.training.state import restore_for_eval
 
     workdir, config = bucket_run[0], bucket_run[5]
@@ -268,6 +270,12 @@ def test_evaluation_and_prediction_from_a_bucket_workdir(bucket_run, gcs, tiny_d
     local = runner.evaluate(config, workdir=workdir, output_dir=str(tmp_path / "out"))
     assert os.path.isfile(local["json"]) and local["json"].startswith(str(tmp_path))
     assert local["results"][0]["miou"] == pytest.approx(in_bucket["results"][0]["miou"])
+
+    # The gradient study reads the bucket's checkpoint too.
+    model = create_model(config.model, num_classes=6)
+    _, step = gradient_flow.load_variables(config, model, workdir,
+                                           sharding.create_mesh(jax.local_devices()[:1]))
+    assert step == STEPS
 
     images = tmp_path / "images"
     images.mkdir()
@@ -351,3 +359,33 @@ def test_sigterm_in_a_two_process_run_with_a_bucket_workdir(gcs, tiny_data_dir):
     a, b = _restore(f"gs://{BUCKET}/mp"), _restore(f"gs://{BUCKET}/mp_straight")
     assert int(a.step) == int(b.step) == MP_STEPS
     assert _bitwise_equal(a, b)
+
+
+@pytest.mark.heavy(seconds=25)
+def test_import_emanet_into_a_bucket_workdir(gcs, tmp_path):
+    """`weights import-emanet FILE --workdir gs://...` (the real CLI): the bucket's checkpoint
+    computes what the PyTorch network computes."""
+    import torch
+
+    from tests.test_import_official import (
+        _assert_same_logits,
+        _config,
+        _emanet_overrides,
+        _images,
+        _torch_net,
+    )
+
+    emanet = _emanet_overrides()
+    config = _config(**emanet)
+    net = _torch_net(config)
+    path = tmp_path / "step_1234.pth"
+    torch.save({"net": net.state_dict(), "step": 1234}, path)
+    workdir = f"gs://{BUCKET}/imported"
+    done = subprocess.run(
+        [sys.executable, "-m", "hemnet_jax.models.weights", "import-emanet", str(path),
+         "--config", "tests/tiny.py", "--workdir", workdir,
+         *(f"--config.model.{k}={v}" for k, v in emanet.items())],
+        cwd=REPO, env=_env(gcs, 1), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    restored = _assert_same_logits(config, workdir, net, _images())
+    assert restored.step == 1234 and restored.path == f"{workdir}/checkpoints/1234"

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags, logging
+from etils import epath
 from jax.sharding import Mesh
 
 from hemnet_jax import cli, config_check, storage
@@ -80,7 +81,7 @@ def load_variables(
     in <workdir>/checkpoints, or without one a fresh initialisation (seed, model.pretrained)."""
     directory = os.path.join(workdir, "checkpoints") if workdir else ""
     ckpt = None
-    if os.path.isdir(directory):
+    if directory and epath.Path(directory).is_dir():  # local or gs://
         ckpt = checkpointing.Checkpointer(directory, read_only=True)
     latest = None if ckpt is None else ckpt.latest_step()
     step = config.study.checkpoint_step
