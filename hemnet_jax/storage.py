@@ -10,7 +10,8 @@ Paths that may be gs:// go through etils epath. `configure()` (every program cal
   one the tests start, docs/operations.md), TensorStore (orbax's arrays) is pointed at it with
   `TENSORSTORE_GCS_HTTP_URL`; neither looks for credentials (nor for a metadata server), and
   gcsfs skips the bucket-layout API such servers lack.
-TensorFlow's own gs:// reads (tf.data over a TFDS data_dir) cannot be pointed at such a server.
+TensorFlow's own gs:// reads (tf.data over a TFDS data_dir) ignore STORAGE_EMULATOR_HOST; they
+reach such a server only through an HTTPS proxy (tests/gcs_server.py's TlsProxy).
 """
 
 from __future__ import annotations
@@ -126,17 +127,22 @@ def require_local(program: str, paths: Mapping[str, str | None]) -> None:
             )
 
 
-def check_tensorflow_path(path: str | None, key: str) -> None:
-    """Raises StorageError if TensorFlow itself must open the gs:// `path` (a TFDS data_dir: tf.data
-    reads its TFRecords) while STORAGE_EMULATOR_HOST points elsewhere than Google: TensorFlow's
-    GCS filesystem has Google's endpoints compiled in and would fail deep inside tf.data."""
+def check_tensorflow_path(path: str | None, key: str, *, write: bool = False) -> None:
+    """Raises StorageError if TensorFlow itself must open the gs:// `path` (a TFDS data_dir:
+    tf.data reads its TFRecords) while STORAGE_EMULATOR_HOST names the server: TensorFlow's GCS
+    filesystem has Google's endpoints compiled in and would fail deep inside tf.data. It reads
+    from such a server only through an HTTPS proxy (`https_proxy`, docs/operations.md); its
+    writes (resumable uploads) do not complete against fake-gcs-server even so."""
     url = emulator_url()
-    if url is not None and is_remote(path):
-        raise StorageError(
-            f"{key}={path}: TensorFlow (tf.data, TFDS) reads this path and cannot be pointed at "
-            f"the server of {EMULATOR_VARIABLE}={url}. Copy the dataset to a local folder and "
-            "pass that, or unset the variable to use Cloud Storage itself."
-        )
+    proxied = os.environ.get("https_proxy") or os.environ.get("HTTPS_PROXY")
+    if url is None or not is_remote(path) or (proxied and not write):
+        return
+    how = ("writes here through TensorFlow, which cannot write to" if write else
+           "reads this path through TensorFlow, which ignores")
+    raise StorageError(
+        f"{key}={path}: TFDS {how} {EMULATOR_VARIABLE}={url} (docs/operations.md). Use a local "
+        "folder (then copy it to the bucket), or unset the variable to use Cloud Storage itself."
+    )
 
 
 def write_if_generation(path: str, data: bytes, generation: int) -> int | None:

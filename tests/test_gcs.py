@@ -22,7 +22,7 @@ import pytest
 from hemnet_jax import storage
 from hemnet_jax.training import sharding
 from hemnet_jax.training.checkpointing import Checkpointer
-from tests.gcs_server import GcsServer
+from tests.gcs_server import GcsServer, TlsProxy
 from tests.test_multiprocess import _bitwise_equal, _restore, _Run
 from tests.test_train import REPO, _config, _subprocess_env, _train_cmd, read_scalars
 
@@ -37,11 +37,13 @@ def gcs():
     saved = dict(os.environ)
     with GcsServer() as server:
         server.create_bucket(BUCKET)
+        server.proxy = TlsProxy(server.port)  # for TensorFlow's reads (tests/gcs_server.py)
         os.environ[storage.EMULATOR_VARIABLE] = server.url
         storage.configure()
         try:
             yield server
         finally:
+            server.proxy.close()
             os.environ.clear()
             os.environ.update(saved)
 
@@ -52,15 +54,25 @@ def _fs():
     return gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False)
 
 
-def _env(gcs, num_devices=2):
+def _env(gcs, num_devices=2, *, tensorflow=True):
     """A subprocess's environment: the test session's, STORAGE_EMULATOR_HOST and nothing else of
-    Cloud Storage (the program derives the rest)."""
+    Cloud Storage (the program derives the rest), and unless not `tensorflow`, the proxy
+    settings through which TensorFlow reads from the server."""
     env = _subprocess_env(num_devices)
     for name in ("EPATH_USE_TF", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
-                 "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
+                 "GOOGLE_AUTH_TOKEN_FOR_TESTING", "NO_GCE_CHECK"):
         env.pop(name, None)
     env[storage.EMULATOR_VARIABLE] = gcs.url
+    if tensorflow:
+        env.update(gcs.proxy.environment())
     return env
+
+
+@pytest.fixture(scope="module")
+def bucket_data_dir(gcs, tiny_data_dir):
+    """The TFDS data_dir of synthetic_scenes/tiny, built locally and copied to the bucket."""
+    _fs().put(tiny_data_dir, f"{BUCKET}/tfds", recursive=True)
+    return f"gs://{BUCKET}/tfds"
 
 
 def _fatal_line(result: subprocess.CompletedProcess) -> str:
@@ -129,19 +141,22 @@ def test_two_runs_racing_for_the_lock_of_a_bucket_workdir(gcs):
 
 
 @pytest.fixture(scope="module")
-def bucket_run(gcs, tiny_data_dir, tmp_path_factory):
-    """A train.py run in gs://bkt/run: stopped (SIGSTOP) while it holds the lock for a second
-    train.py to be refused, SIGKILLed after its first checkpoint, resumed to the end; run from an
-    empty folder. Returns (the workdir, that folder, the contender's result, the straight state)."""
+def bucket_run(gcs, tiny_data_dir, bucket_data_dir, tmp_path_factory):
+    """A train.py run in gs://bkt/run on the data in the bucket: stopped (SIGSTOP) while it holds
+    the lock for a second train.py to be refused, SIGKILLed after its first checkpoint, resumed
+    to the end; run from an empty folder. The same run straight, on local disk and local data,
+    alongside. Returns (workdir, that folder, the contender's and the resumed run's results,
+    the straight state, the config)."""
     cwd = tmp_path_factory.mktemp("cwd")
     workdir = f"gs://{BUCKET}/run"
-    cmd = _train_cmd(workdir, tiny_data_dir, f"--config.train.num_steps={STEPS}",
+    cmd = _train_cmd(workdir, bucket_data_dir, f"--config.train.num_steps={STEPS}",
                      "--config.train.log_every=1", "--config.train.checkpoint_every=1")
     cmd[2:4] = ["--config", os.path.join(REPO, "tests/tiny.py")]
     env = _env(gcs)
     # The uninterrupted reference: the same command into a local workdir, alongside.
     local = str(tmp_path_factory.mktemp("straight"))
-    straight = subprocess.Popen([*cmd[:4], "--workdir", local, *cmd[6:]],
+    straight = subprocess.Popen([*cmd[:4], "--workdir", local,
+                                 f"--config.data.data_dir={tiny_data_dir}", *cmd[7:]],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 env=env, cwd=REPO)
     first = _Run(cmd, env)
@@ -188,7 +203,8 @@ def test_training_in_a_bucket_resumes_exactly_and_falls_back(bucket_run, tmp_pat
     fs.get([f"{BUCKET}/run/{n}" for n in names if n.startswith("events")], str(local_events) + "/")
     assert STEPS in read_scalars(str(local_events), "loss")
 
-    # The final state, read back from the bucket (digests verified), equals the straight run.
+    # The final state, read back from the bucket (digests verified), equals the straight run's
+    # on local disk and local data: the data read from the bucket was the same too.
     ckpt = Checkpointer(f"{workdir}/checkpoints", read_only=True)
     assert ckpt.all_steps() == [6, 7, STEPS]
     final = _restore(workdir, config=config)
@@ -245,7 +261,7 @@ def _closed_port() -> int:
 
 
 @pytest.mark.heavy(seconds=45)
-def test_evaluation_and_prediction_from_a_bucket_workdir(bucket_run, gcs, tiny_data_dir,
+def test_evaluation_and_prediction_from_a_bucket_workdir(bucket_run, gcs, bucket_data_dir,
                                                          tmp_path):
     """eval.py writes its JSON into the bucket; the same evaluation in-process into a local
     folder agrees; the gradient study and predict read the bucket's checkpoint."""
@@ -259,7 +275,7 @@ def test_evaluation_and_prediction_from_a_bucket_workdir(bucket_run, gcs, tiny_d
     workdir, config = bucket_run[0], bucket_run[5]
     result = subprocess.run(
         [sys.executable, "eval.py", "--config", "tests/tiny.py", "--workdir", workdir,
-         "--output_dir", f"gs://{BUCKET}/evals", f"--config.data.data_dir={tiny_data_dir}",
+         "--output_dir", f"gs://{BUCKET}/evals", f"--config.data.data_dir={bucket_data_dir}",
          "--config.eval.max_batches=1"],
         capture_output=True, text=True, env=_env(gcs), cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -267,6 +283,7 @@ def test_evaluation_and_prediction_from_a_bucket_workdir(bucket_run, gcs, tiny_d
     [written] = fs.find(f"{BUCKET}/evals/eval")
     in_bucket = json.loads(fs.cat(written))
     assert in_bucket["step"] == STEPS and in_bucket["checkpoint"].startswith(workdir)
+    # config: local data (this process's TensorFlow has no proxy); the same numbers.
     local = runner.evaluate(config, workdir=workdir, output_dir=str(tmp_path / "out"))
     assert os.path.isfile(local["json"]) and local["json"].startswith(str(tmp_path))
     assert local["results"][0]["miou"] == pytest.approx(in_bucket["results"][0]["miou"])
@@ -303,12 +320,17 @@ def test_programs_that_cannot_take_a_bucket_path_refuse_it(gcs, tiny_data_dir, t
         ("hemnet_jax.studies.gradient_flow", "--output_dir"): [
             "-m", "hemnet_jax.studies.gradient_flow", "--config", "tests/tiny.py",
             "--workdir", f"gs://{BUCKET}/run"],
-        ("data.data_dir", "TensorFlow"): [
+        # Without the proxy, TensorFlow cannot read from the server; with it, not write.
+        ("data.data_dir", "TensorFlow, which ignores"): [
             "train.py", "--config", "tests/tiny.py", "--workdir", str(tmp_path / "w"),
             f"--config.data.data_dir=gs://{BUCKET}/tfds"],
+        ("--data_dir", "TensorFlow, which cannot write"): [
+            "-m", "hemnet_jax.data.prepare", "synthetic_scenes/tiny", "--data_dir",
+            f"gs://{BUCKET}/built_here"],
     }
+    env = _env(gcs, tensorflow=False)
     procs = {words: subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=_env(gcs), cwd=REPO)
+                                     stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
              for words, args in runs.items()}
     for words, proc in procs.items():
         out, err = proc.communicate(timeout=300)
@@ -342,19 +364,19 @@ def test_sigterm_in_a_two_process_run_with_a_bucket_workdir(gcs, tiny_data_dir):
     resumed, the run ends bitwise equal to a straight two-process run (run alongside)."""
     straight = _two_processes_in_bucket(gcs, f"gs://{BUCKET}/mp_straight", tiny_data_dir)
     runs = _two_processes_in_bucket(gcs, f"gs://{BUCKET}/mp", tiny_data_dir)
-    runs[1].wait_for_step(2)
+    runs[1].wait_for_step(2, timeout=900)  # four processes compile on 2 cores
     runs[1].proc.send_signal(signal.SIGTERM)
-    codes = [r.finish(300) for r in runs]
+    codes = [r.finish(600) for r in runs]
     assert codes == [0, 0], "".join(runs[0].lines[-30:] + runs[1].lines[-30:])
     ckpt = Checkpointer(f"gs://{BUCKET}/mp/checkpoints", read_only=True)
     [stop] = ckpt.all_steps()
     assert 2 <= stop < MP_STEPS
     for r in runs:  # every process stopped at that step
         assert any(f"Stopped at step {stop} after a preemption notice" in x for x in r.lines)
-    assert [r.finish(400) for r in straight] == [0, 0], "".join(straight[0].lines[-30:])
+    assert [r.finish(600) for r in straight] == [0, 0], "".join(straight[0].lines[-30:])
 
     resumed = _two_processes_in_bucket(gcs, f"gs://{BUCKET}/mp", tiny_data_dir)
-    assert [r.finish(400) for r in resumed] == [0, 0], "".join(resumed[0].lines[-30:])
+    assert [r.finish(600) for r in resumed] == [0, 0], "".join(resumed[0].lines[-30:])
     assert any(f"Resumed from the checkpoint of step {stop}" in x for x in resumed[0].lines)
     a, b = _restore(f"gs://{BUCKET}/mp"), _restore(f"gs://{BUCKET}/mp_straight")
     assert int(a.step) == int(b.step) == MP_STEPS

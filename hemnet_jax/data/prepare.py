@@ -66,7 +66,7 @@ def main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv[1:])
     datasets.get_dataset_info(args.name)  # an unknown name: one line listing the known ones
     for key, path in (("--data_dir", args.data_dir), ("--manual_dir", args.manual_dir)):
-        storage.check_tensorflow_path(path, key)  # TFDS writes through TensorFlow
+        storage.check_tensorflow_path(path, key, write=True)  # TFDS writes through TF
         storage.check_bucket(path, key)
     builder = prepare_dataset(
         args.name,
