@@ -224,19 +224,23 @@ def test_training_in_a_bucket_resumes_exactly_and_falls_back(bucket_run, tmp_pat
     restored, _ = _fallback(workdir, config)
     assert int(restored.step) == 7
     fs.rm(biggest(7))
-    restored, _ = _fallback(workdir, config)
+    # As a resuming run restores: the steps that fail are moved aside, in the bucket.
+    restored, _ = _fallback(workdir, config, quarantine=True)
     assert int(restored.step) == 6
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/damaged/rejected_checkpoints")) \
+        == ["7", str(STEPS)]
+    assert Checkpointer(f"{workdir}/checkpoints", read_only=True).all_steps() == [6]
 
 
-def _fallback(workdir, config):
+def _fallback(workdir, config, quarantine=False):
     from hemnet_jax.models import create_model
     from hemnet_jax.training.state import abstract_state, optimizer_for
 
     model = create_model(config.model, num_classes=6)
     tx, _ = optimizer_for(config, model)
-    ckpt = Checkpointer(f"{workdir}/checkpoints", read_only=True)
+    ckpt = Checkpointer(f"{workdir}/checkpoints", read_only=not quarantine)
     return ckpt.restore(abstract_state(model, tx, sharding.create_mesh(jax.devices()[:1])),
-                        config, fallback=True)
+                        config, fallback=True, quarantine=quarantine)
 
 
 @pytest.mark.heavy(seconds=20)
