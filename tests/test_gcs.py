@@ -312,7 +312,8 @@ def test_evaluation_and_prediction_from_a_bucket_workdir(bucket_run, gcs, bucket
 
 @pytest.mark.heavy(seconds=30)
 def test_programs_that_cannot_take_a_bucket_path_refuse_it(gcs, tiny_data_dir, tmp_path):
-    """One FATAL line naming the program and the key, before any work; run side by side."""
+    """One FATAL line naming the program (where it is the program's limit) and the key, before
+    any work; run side by side. Also a missing object and TensorFlow's limits."""
     runs = {
         ("hemnet_jax.evaluation.predict", "--images"): [
             "-m", "hemnet_jax.evaluation.predict", "--config", "tests/tiny.py",
@@ -328,6 +329,9 @@ def test_programs_that_cannot_take_a_bucket_path_refuse_it(gcs, tiny_data_dir, t
         ("data.data_dir", "TensorFlow, which ignores"): [
             "train.py", "--config", "tests/tiny.py", "--workdir", str(tmp_path / "w"),
             f"--config.data.data_dir=gs://{BUCKET}/tfds"],
+        ("--checkpoint", "no such directory"): [  # a missing object (prefix) in the bucket
+            "eval.py", "--config", "tests/tiny.py", "--checkpoint",
+            f"gs://{BUCKET}/no_run/checkpoints/5"],
         ("--data_dir", "TensorFlow, which cannot write"): [
             "-m", "hemnet_jax.data.prepare", "synthetic_scenes/tiny", "--data_dir",
             f"gs://{BUCKET}/built_here"],
