@@ -198,6 +198,17 @@ def delete_if_generation(path: str, generation: int) -> None:
     fs.invalidate_cache(path)
 
 
+def move_tree(source: str, destination: str) -> None:
+    """Moves the folder `source` to `destination` (a new path whose parent exists): a rename on
+    local disk; in a bucket, which has no folders to rename, each object copied, then deleted."""
+    if is_remote(source):
+        import gcsfs
+
+        gcsfs.GCSFileSystem().mv(source, destination, recursive=True)
+    else:
+        os.rename(source, destination)
+
+
 class Staging:
     """A local folder mirrored into a gs:// folder, for writers that need a local file (logging's
     FileHandler appends; TensorBoard's event writer goes through TensorFlow, which cannot reach
