@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import common
+import fsspec
 import jax
 from checkpoint_digest import random_state
-from etils import epath
 
 from hemnet_jax import storage
 from hemnet_jax.data import datasets
@@ -38,7 +38,8 @@ SMALL = 4096  # bytes: an object below this is all per-request overhead
 
 def _objects(directory: str) -> list[int]:
     """Sizes of every file (object) under `directory`."""
-    return [p.stat().st_size for p in epath.Path(directory).rglob("*") if p.is_file()]
+    fs, path = fsspec.core.url_to_fs(directory)  # local or gs:// (gcsfs)
+    return [info["size"] for info in fs.find(path, detail=True).values()]
 
 
 def measure(root: str, config, state, reps: int) -> dict:
