@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -214,6 +216,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9123)
     parser.add_argument("--bucket", action="append", default=[], help="Create this bucket.")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too
     with GcsServer(args.port) as server:
         for bucket in args.bucket:
             server.create_bucket(bucket)
@@ -227,7 +230,8 @@ def main() -> None:
             server.process.wait()
         except KeyboardInterrupt:
             pass
-    os._exit(0)
+        finally:
+            proxy.close()
 
 
 if __name__ == "__main__":
