@@ -18,7 +18,7 @@ import os
 
 from absl import flags
 
-from hemnet_jax import cli, config_check
+from hemnet_jax import cli, config_check, storage
 from hemnet_jax.data import datasets, tf_devices
 
 
@@ -54,6 +54,8 @@ def main(argv):
     f, config = flags.FLAGS, flags.FLAGS.config
     workdir, checkpoint, output_dir = (config_check.expand_path(p) if p else p
                                        for p in (f.workdir, f.checkpoint, f.output_dir))
+    for key, path in (("--workdir", workdir), ("--checkpoint", checkpoint)):
+        storage.check_bucket(path, key)  # before the first read of a gs:// path
     directory, step = state.locate_checkpoint(workdir, checkpoint)
     results = os.path.join(output_dir or workdir or state.run_dir_of(directory), "eval")
     registry = datasets.registry()

@@ -15,7 +15,7 @@ import sys
 
 from absl import flags, logging
 
-from hemnet_jax import cli, config_check
+from hemnet_jax import cli, config_check, storage
 from hemnet_jax.data import datasets, tf_devices
 
 
@@ -31,6 +31,7 @@ def check_command_line(argv: list[str]) -> None:
     reads and the workdir (the device count and a resumed checkpoint are checked in main)."""
     cli.no_extra_arguments(argv)
     workdir = config_check.expand_path(flags.FLAGS.workdir)
+    storage.check_bucket(workdir, "--workdir")  # before the first read of a gs:// workdir
     resuming = config_check.has_checkpoint(os.path.join(workdir, "checkpoints"))
     config_check.check(flags.FLAGS.config, datasets=datasets.registry(), data=True,
                        pretrained=not resuming, folders={"--workdir": workdir})

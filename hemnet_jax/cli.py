@@ -29,7 +29,7 @@ from absl import logging as absl_logging
 from etils import epath
 from ml_collections import config_flags
 
-from hemnet_jax import accelerators
+from hemnet_jax import accelerators, storage
 from hemnet_jax.errors import UserError
 
 
@@ -175,13 +175,16 @@ def start_run_files(config: ml_collections.ConfigDict, workdir: str, program: st
                     index: int) -> None:
     """Creates `workdir`; process 0 (`index`, jax.process_index()) writes config.json there;
     every process logs what its console shows to `<program>.log` (`<program>.process<i>.log`
-    beyond process 0). A gs:// workdir gets config.json only (logging needs a local file)."""
+    beyond process 0); on gs:// the log is staged locally and copied into the bucket
+    (`storage.Staging`)."""
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     if index == 0:
         write_config_json(config, os.path.join(workdir, "config.json"))
-    if "://" not in workdir:
-        suffix = "" if index == 0 else f".process{index}"
-        log_to_file(os.path.join(workdir, f"{program}{suffix}.log"))
+    name = f"{program}.log" if index == 0 else f"{program}.process{index}.log"
+    if storage.is_remote(workdir):  # logged locally, copied into the bucket at each sync
+        log_to_file(storage.staging(workdir).resume(name))
+    else:
+        log_to_file(os.path.join(workdir, name))
     absl_logging.info("Config written to %s.", os.path.join(workdir, "config.json"))
 
 
@@ -329,6 +332,7 @@ def _start_program() -> None:
     # frozen objects (TensorFlow's and JAX's millions), which took 5 s at rest and 20-45 s on a
     # busy machine after the program's work was done and flushed.
     atexit.register(gc.freeze)
+    storage.configure()  # before any layer opens a gs:// path
 
 
 def _define_program_flags(define_flags: Callable[[], None]) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import ml_collections
 from etils import epath
 
+from hemnet_jax import storage
 from hemnet_jax.errors import UserError
 
 
@@ -292,6 +293,12 @@ def file_violations(config: ml_collections.ConfigDict, *, pretrained: bool = Fal
         found.append(f"model.pretrained={weights!r}: no such file; allowed: a .pth or "
                      ".safetensors ImageNet checkpoint (docs/weights.md), or '' (from scratch).")
     info = data
+    if info is not None and "://" in (config.data.data_dir or ""):
+        try:
+            storage.check_tensorflow_path(config.data.data_dir, "data.data_dir")
+            storage.check_bucket(config.data.data_dir, "data.data_dir")
+        except storage.StorageError as e:
+            found.append(str(e))
     if info is not None and info.needs_download:
         data_dir = config.data.data_dir or expand_path(
             os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
@@ -308,9 +315,14 @@ def file_violations(config: ml_collections.ConfigDict, *, pretrained: bool = Fal
 
 def folder_violations(folders: Mapping[str, str | None]) -> list[str]:
     """Folders a run will write into ({"--workdir": path}): a local path must be a folder, or
-    creatable, and writable. URLs (gs://...) are not checked."""
+    creatable, and writable; a gs:// one's bucket must answer (`storage.check_bucket`)."""
     found = []
     for flag, folder in folders.items():
+        if folder and "://" in folder:
+            try:
+                storage.check_bucket(folder, flag)
+            except storage.StorageError as e:
+                found.append(str(e))
         if not folder or "://" in folder:
             continue
         existing = folder

@@ -20,7 +20,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh
 
-from hemnet_jax import _compat
+from hemnet_jax import _compat, storage
 from hemnet_jax.data import datasets
 from hemnet_jax.errors import UserError
 from hemnet_jax.evaluation import metrics, validation
@@ -109,8 +109,12 @@ def _train_and_evaluate(config, workdir, mesh, stop_after) -> TrainState:
     num_steps = config.train.num_steps
     model = create_model(config.model, info.num_classes)
 
+    # TensorBoard's events go through TensorFlow's file system: on gs:// they are staged locally
+    # and copied into the bucket at every checkpoint and at the end (storage.Staging).
+    staging = storage.staging(workdir) if storage.is_remote(workdir) else None
+    logdir = staging.local if staging else workdir
     writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=True
+        logdir, just_logging=jax.process_index() > 0, asynchronous=True
     )
     ckpt = checkpointing.Checkpointer(
         f"{workdir}/checkpoints",
@@ -147,9 +151,10 @@ def _train_and_evaluate(config, workdir, mesh, stop_after) -> TrainState:
     batches = train_batches(config, mesh, start_step)
     hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
     if config.train.profile and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+        hooks.append(periodic_actions.Profile(logdir=logdir, num_profile_steps=5))
 
     loop = _Loop(config, mesh, model, info, writer, ckpt, meta, latest)
+    loop.staging = staging
     if config.train.grad_flow_every:
         loop.grad_flow = _grad_flow_probe(config, model, mesh)
     if config.train.basis_diagnostics:
@@ -162,6 +167,8 @@ def _train_and_evaluate(config, workdir, mesh, stop_after) -> TrainState:
     finally:
         ckpt.close()  # lets a save in flight finish, whatever happened
         writer.flush()
+        if staging:
+            staging.sync()
     return state
 
 
@@ -185,6 +192,7 @@ class _Loop:
         self.grad_flow: tuple[Callable, dict] | None = None  # (jitted probe, fixed batch)
         self.diagnostics: diagnostics.Probe | None = None  # the bases/* scalars at log steps
         self.progress = ProgressLine(config.train.num_steps)  # the console's line per log step
+        self.staging: storage.Staging | None = None  # a gs:// run's events and log
 
     def run(self, state, train_step, batches, key, hooks, stop_after, preemption) -> TrainState:
         t = self.config.train
@@ -218,6 +226,9 @@ class _Loop:
             if save:
                 self.ckpt.save(step, state, self.meta, force=final)
                 self.last_saved = step
+                if self.staging:
+                    self.writer.flush()
+                    self.staging.sync()
             if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
                 self._validate(step, state)
             if self.grad_flow and step % t.grad_flow_every == 0:

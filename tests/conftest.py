@@ -23,6 +23,9 @@ if _OWN_CACHE:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# As every program sets at start-up (hemnet_jax/storage.py): epath reaches gs:// through gcsfs.
+# etils reads it once, at the first path it opens, so before anything is imported.
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 
 import pytest  # noqa: E402  (after the environment is set)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import tensorflow_datasets as tfds
 
 import hemnet_jax.data.builders  # noqa: F401  (registers the builders with TFDS)
-from hemnet_jax import cli
+from hemnet_jax import cli, storage
 from hemnet_jax.config_check import expand_path
 from hemnet_jax.data import datasets
 
@@ -65,6 +65,9 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--manual_dir", help="the downloads (default <data_dir>/downloads/manual)")
     args = parser.parse_args(argv[1:])
     datasets.get_dataset_info(args.name)  # an unknown name: one line listing the known ones
+    for key, path in (("--data_dir", args.data_dir), ("--manual_dir", args.manual_dir)):
+        storage.check_tensorflow_path(path, key, write=True)  # TFDS writes through TF
+        storage.check_bucket(path, key)
     builder = prepare_dataset(
         args.name,
         data_dir=expand_path(args.data_dir or ""),

@@ -27,11 +27,13 @@ import numpy as np
 from absl import flags
 from PIL import Image, UnidentifiedImageError
 
-from hemnet_jax import cli, config_check
+from hemnet_jax import cli, config_check, storage
 from hemnet_jax.data import augment, palette
 from hemnet_jax.errors import UserError
 from hemnet_jax.evaluation import predictors
 from hemnet_jax.training import sharding, state
+
+PROGRAM = "python -m hemnet_jax.evaluation.predict"  # as named in one-line errors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OVERLAY_ALPHA = 0.5  # weight of the class colours in the overlay
@@ -182,6 +184,9 @@ def main(argv: list[str]) -> None:
     FLAGS = flags.FLAGS
     cli.quiet_library_logs()
     images, output = (config_check.expand_path(p) for p in (FLAGS.images, FLAGS.output))
+    storage.require_local(PROGRAM, {"--images": images, "--output": output})
+    for key in ("workdir", "checkpoint"):  # may be gs://
+        storage.check_bucket(FLAGS[key].value, f"--{key}")
     config_check.check(FLAGS.config, folders={"--output": output})
     list_images(images)  # fail on a bad folder before restoring
     restored = state.restore_for_eval(

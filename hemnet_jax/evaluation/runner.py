@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from hemnet_jax.evaluation import metrics, predictors, validation
@@ -98,9 +99,8 @@ def evaluate(
     report["json"] = path
     if jax.process_index() == 0:
         print(text, flush=True)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+        epath.Path(path).parent.mkdir(parents=True, exist_ok=True)  # local or gs://
+        epath.Path(path).write_text(json.dumps(report, indent=1))
         print(f"Results written to {path}", flush=True)
     return report
 

@@ -32,13 +32,15 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from hemnet_jax import cli, config_check, hem, hem_diagnostics
+from hemnet_jax import cli, config_check, hem, hem_diagnostics, storage
 from hemnet_jax.data import augment, palette
 from hemnet_jax.errors import UserError
 from hemnet_jax.evaluation import predict, predictors
 from hemnet_jax.evaluation.predict import ImageReadError, read_image
 from hemnet_jax.models import hemnet
 from hemnet_jax.training import sharding, state
+
+PROGRAM = "python -m hemnet_jax.evaluation.visualize"  # as named in one-line errors
 
 NUM_SHOWN = 3  # rows of the grid when --bases / --channels are not given
 
@@ -245,6 +247,10 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     output = config_check.expand_path(FLAGS.output)
+    storage.require_local(PROGRAM, {"--image": FLAGS.image, "--label": FLAGS.label,
+                                    "--output": output})
+    for key in ("workdir", "checkpoint"):  # may be gs://
+        storage.check_bucket(FLAGS[key].value, f"--{key}")
     config_check.check(FLAGS.config, folders={"--output": os.path.dirname(output) or "."})
     rgb = read_image(FLAGS.image)
     label = read_label(FLAGS.label, rgb.shape[:2]) if FLAGS.label else None

@@ -40,11 +40,13 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from hemnet_jax import cli, errors
+from hemnet_jax import cli, errors, storage
 from hemnet_jax.evaluation import runner
 from hemnet_jax.studies import ablation_tables
 from hemnet_jax.studies.ablation_tables import EMANET, CellResult
 from hemnet_jax.training import checkpointing, state
+
+PROGRAM = "python -m hemnet_jax.studies.ablation"  # as named in one-line errors
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "train.py")
@@ -497,6 +499,7 @@ def main(argv: Sequence[str]) -> None:
     spec = cli.config_spec(sys.argv[1:])
     if not spec:
         raise UserError("--config FILE[:variant] is required.")
+    storage.require_local(PROGRAM, {"--root": f.root})
     plan = make_plan(os.path.abspath(f.root), spec, _shared_overrides(sys.argv[1:]), f.grid,
                      f.emanet, f.repeat, f.t_eval)
     shard = parse_shard(f.shard)

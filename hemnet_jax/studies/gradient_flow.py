@@ -23,9 +23,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags, logging
+from etils import epath
 from jax.sharding import Mesh
 
-from hemnet_jax import cli, config_check
+from hemnet_jax import cli, config_check, storage
 from hemnet_jax.data import datasets, pipeline
 from hemnet_jax.models import HEMNet, create_model
 from hemnet_jax.studies.figures import plot_fig3
@@ -46,6 +47,8 @@ from hemnet_jax.studies.layer_gradients import (  # noqa: F401  (the library, re
 )
 from hemnet_jax.training import checkpointing, sharding, state
 from hemnet_jax.training.input_pipeline import data_dirs
+
+PROGRAM = "python -m hemnet_jax.studies.gradient_flow"  # as named in one-line errors
 
 # ---------------------------------------------------------------------------------------------
 # The program: fixed training crops, several eta, at initialisation or from a checkpoint.
@@ -78,7 +81,7 @@ def load_variables(
     in <workdir>/checkpoints, or without one a fresh initialisation (seed, model.pretrained)."""
     directory = os.path.join(workdir, "checkpoints") if workdir else ""
     ckpt = None
-    if os.path.isdir(directory):
+    if directory and epath.Path(directory).is_dir():  # local or gs://
         ckpt = checkpointing.Checkpointer(directory, read_only=True)
     latest = None if ckpt is None else ckpt.latest_step()
     step = config.study.checkpoint_step
@@ -186,6 +189,8 @@ def main(argv: Sequence[str]) -> None:
     config = FLAGS.config
     workdir, output_dir = (config_check.expand_path(p) if p else p
                            for p in (FLAGS.workdir, FLAGS.output_dir))
+    storage.require_local(PROGRAM, {"--output_dir": output_dir or workdir})
+    storage.check_bucket(workdir, "--workdir")  # gs:// with a local --output_dir
     config_check.check(config, datasets=datasets.registry(), num_devices=jax.device_count(),
                        data=True, folders={"--output_dir": output_dir or workdir})
     model = create_model(config.model, datasets.get_dataset_info(config.data.name).num_classes)

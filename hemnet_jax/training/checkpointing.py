@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from hemnet_jax import storage
 from hemnet_jax.config_check import has_checkpoint  # noqa: F401  (part of this module's API)
 from hemnet_jax.errors import UserError
 from hemnet_jax.training import digest
@@ -389,7 +390,7 @@ class Checkpointer:
                 destination = target / str(step)
                 if destination.exists():  # rejected before, by an earlier run
                     destination.rmtree()
-                source.rename(destination)
+                storage.move_tree(str(source), str(destination))  # local or gs://
                 logging.warning("Moved the checkpoint of step %d to %s.", step, destination)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("hemnet_jax: rejected checkpoints moved")

@@ -2,10 +2,12 @@
 
 The lock is `<workdir>/train.lock`, holding a JSON record {"host", "pid", "started"} of its holder.
 On a local or NFS disk it is an exclusive `flock` on that file: the kernel drops it when the holder
-exits in any way (SIGKILL included), so a stale record never blocks the next run. Object stores
-(gs://...) have no locks: there the record itself is the lock, best-effort (two runs starting in
-the same second can both pass), and a record left by a killed run is recognised as stale only on
-the host that wrote it (its pid is gone); from another host, delete the file by hand.
+exits in any way (SIGKILL included), so a stale record never blocks the next run. On a bucket
+(gs://...) the record itself is the lock, written create-only (`ifGenerationMatch=0`): Cloud
+Storage applies the condition atomically, so of runs starting together exactly one gets it. A
+record left by a killed run is recognised as stale only on the host that wrote it (its pid is
+gone) and is then replaced under the condition that it is still that record; from another host,
+delete the object by hand. The lock is released by deleting the object.
 In a multi-process run, process 0 takes the lock and every process learns the outcome.
 """
 
@@ -26,6 +28,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from hemnet_jax import storage
 from hemnet_jax.errors import UserError
 
 LOCK_NAME = "train.lock"
@@ -122,29 +125,38 @@ def _flock(workdir: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _record_lock(workdir: str) -> Iterator[None]:
-    path = epath.Path(workdir) / LOCK_NAME
-    if path.exists():
-        record = _read(str(path))
+    path = f"{workdir.rstrip('/')}/{LOCK_NAME}"
+    mine = json.dumps(_record()).encode()
+    generation = storage.write_if_generation(path, mine, 0)  # created only if absent: atomic
+    if generation is None:
+        found = storage.read_with_generation(path)
+        record = _parse(found[0]) if found else {}
         ours = record.get("host") == socket.gethostname()
-        if not (ours and isinstance(record.get("pid"), int) and not _pid_alive(record["pid"])):
+        stale = ours and isinstance(record.get("pid"), int) and not _pid_alive(record["pid"])
+        if found and stale:  # replaced only if still that record's generation: atomic too
+            logging.warning("Taking over the stale lock of %s in %s.", _describe(record), workdir)
+            generation = storage.write_if_generation(path, mine, found[1])
+        if generation is None:
             raise _locked_error(
-                workdir, record, f" (if that run is gone, delete {path}: on object stores the "
-                "lock is a record, not a kernel lock)"
+                workdir, record, f" (if that run is gone, delete {path}: on a bucket the lock "
+                "is a record, not a kernel lock)"
             )
-        logging.warning("Taking over the stale lock of %s in %s.", _describe(record), workdir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mine = _record()
-    path.write_text(json.dumps(mine))
     try:
         yield
     finally:
-        if _read(str(path)) == mine:
-            path.unlink(missing_ok=True)
+        storage.delete_if_generation(path, generation)
+
+
+def _parse(data: bytes) -> dict:
+    try:
+        record = json.loads(data or b"{}")
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _read(path: str) -> dict:
     try:
-        record = json.loads(epath.Path(path).read_text() or "{}")
-    except (OSError, ValueError):
+        return _parse(epath.Path(path).read_bytes())
+    except OSError:
         return {}
-    return record if isinstance(record, dict) else {}
