@@ -182,11 +182,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_data_dir, tmp_path):
     _assert_console_and_log_file(workdir, "".join(console))
     saved = Checkpointer(f"{workdir}/checkpoints", read_only=True).latest_step()
     assert saved is not None and 2 <= saved < 100
-    # On the subprocess's 2 devices and with its learning-rate schedule (num_steps): its
-    # compiled step is in the persistent cache.
-    resumed = trainer.train_and_evaluate(_config(tiny_data_dir, num_steps=100000), str(workdir),
-                                         mesh=sharding.create_mesh(jax.devices()[:2]),
-                                         stop_after=2)
+    # On the subprocess's 2 devices.
+    resumed = trainer.train_and_evaluate(_config(tiny_data_dir, num_steps=saved + 2), str(workdir),
+                                         mesh=sharding.create_mesh(jax.devices()[:2]))
     assert int(resumed.step) == saved + 2
 
 

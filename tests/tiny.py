@@ -2,8 +2,7 @@
 
 from hemnet_jax import config as cfg
 
-# conftest's `tiny_run`: the tiny config with 12 steps (as test_ablation's cells, whose train
-# step it shares in the compilation cache), stopped after 2.
+# conftest's `tiny_run`: the tiny config with 12 steps, stopped after 2.
 TINY_RUN_NUM_STEPS = 12
 TINY_RUN_STEPS = 2
 
