@@ -4,6 +4,7 @@ XLA_FLAGS must be set before JAX initialises its backends, so this runs before a
 """
 
 import os
+import shutil
 
 # The tests compile hundreds of small programs and run each a few times: XLA's CPU backend
 # without LLVM's optimisations compiles in about half the CPU time (test_eight_devices_equal_one:
@@ -45,16 +46,59 @@ def pytest_collection_modifyitems(items):
 def pytest_sessionfinish(session):
     """The controller (not an xdist worker) removes the compilation cache it made."""
     if _OWN_CACHE and not hasattr(session.config, "workerinput"):
-        import shutil
-
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def shared_build(tmp_path_factory, name: str, build) -> str:
+    """The folder `name`, made by `build(path)` once for the whole run: in the temporary folder
+    that both xdist workers share, under a file lock, so that the second worker waits for the
+    first one's build and reuses it. Users must not write into it (copy it first)."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # .../pytest-N/popen-gwK -> .../pytest-N, the workers' common folder
+    path = base / f"shared_{name}"
+    with open(base / f"shared_{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (base / f"shared_{name}.built").exists():
+            shutil.rmtree(path, ignore_errors=True)  # a build that failed half-way
+            path.mkdir()
+            build(path)
+            (base / f"shared_{name}.built").touch()
+    return str(path)
 
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
-    """A TFDS data_dir with the embedded `synthetic_scenes/tiny` built (seconds), per worker."""
+    """A TFDS data_dir with the embedded `synthetic_scenes/tiny` built, once for both workers.
+    Read-only: tests read it, none builds anything else into it."""
+    # Project imports in the fixtures: the xdist controller loads this file too and needs
+    # neither JAX nor TensorFlow.
     from hemnet_jax.data import prepare
 
-    data_dir = tmp_path_factory.mktemp("tfds")
-    prepare.prepare_dataset("synthetic_scenes/tiny", data_dir=str(data_dir))
-    return str(data_dir)
+    return shared_build(tmp_path_factory, "tfds", lambda path: prepare.prepare_dataset(
+        "synthetic_scenes/tiny", data_dir=str(path)))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data_dir, tmp_path_factory) -> str:
+    """A workdir (read-only: copy it to write) of the tiny config (tests/tiny.py) with
+    `num_steps=12`, trained for 2 steps by the training loop on one device and stopped as a
+    preemption stops it: its only checkpoint is step 2. Trained once for both workers; test_eval
+    evaluates it, test_train resumes it."""
+    import jax
+
+    from hemnet_jax import trainer
+    from hemnet_jax.training import sharding
+    from tests.tiny import TINY_RUN_NUM_STEPS, TINY_RUN_STEPS, tiny_config
+
+    def train(path):
+        config = tiny_config()
+        config.data.data_dir = tiny_data_dir
+        config.train.num_steps = TINY_RUN_NUM_STEPS
+        state = trainer.train_and_evaluate(config, str(path), stop_after=TINY_RUN_STEPS,
+                                           mesh=sharding.create_mesh(jax.devices()[:1]))
+        assert int(state.step) == TINY_RUN_STEPS
+
+    return shared_build(tmp_path_factory, "tiny_run", train)

@@ -1,10 +1,12 @@
 """Evaluation: MS + flip predictors, eval.py on a checkpoint written by training, T_eval sweeps.
 
-One tiny run is trained per session (2 steps, seconds); eval.py is run on it as users run it.
+One tiny run is trained per test run (conftest's `tiny_run`, 2 steps); eval.py is run on it as
+users run it.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,10 +22,11 @@ from hemnet_jax.models import create_model
 from hemnet_jax.models.resize import interpolation_matrix
 from hemnet_jax.training import checkpointing, diagnostics, sharding
 from hemnet_jax.training.state import CheckpointNotFoundError, locate_checkpoint, restore_for_eval
-from tests.tiny import tiny_config
+from tests.tiny import TINY_RUN_STEPS, tiny_config
+from tests.tiny_model import init_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_STEPS = 2
+TRAIN_STEPS = TINY_RUN_STEPS
 
 
 def _config(data_dir: str):
@@ -33,12 +36,11 @@ def _config(data_dir: str):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data_dir, tmp_path_factory) -> str:
+def trained(tiny_run, tmp_path_factory) -> str:
     """A workdir with a checkpoint of step 2, written by the training loop on one device (it is
-    evaluated on 8: restoring reshards)."""
-    workdir = str(tmp_path_factory.mktemp("run"))
-    trainer.train_and_evaluate(_config(tiny_data_dir), workdir, stop_after=TRAIN_STEPS,
-                               mesh=sharding.create_mesh(jax.devices()[:1]))
+    evaluated on 8: restoring reshards): this module's copy of conftest's `tiny_run`."""
+    workdir = str(tmp_path_factory.mktemp("run") / "run")
+    shutil.copytree(tiny_run, workdir)
     return workdir
 
 
@@ -162,8 +164,7 @@ def test_multi_scale_probabilities_cover_real_pixels_only():
 def tiny_model():
     config = tiny_config()
     model = create_model(config.model, num_classes=6)
-    variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(
-        jax.random.PRNGKey(0))
+    variables = init_variables(model, seed=0)
     rng = np.random.default_rng(2)
     image = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
     image[1, 24:], image[1, :, 20:] = 0, 0

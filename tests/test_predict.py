@@ -1,7 +1,5 @@
 """Prediction pictures and the Fig. 4 attention grid, on a freshly initialised tiny HEMNet."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,6 +9,7 @@ from hemnet_jax.data import palette
 from hemnet_jax.evaluation import predict, visualize
 from hemnet_jax.models import create_model, hemnet
 from tests.tiny import tiny_config
+from tests.tiny_model import init_variables
 
 NUM_CLASSES = 6
 
@@ -19,8 +18,7 @@ NUM_CLASSES = 6
 def segmenter():
     config = tiny_config()
     model = create_model(config.model, NUM_CLASSES)
-    variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(
-        jax.random.PRNGKey(0))
+    variables = init_variables(model, seed=0)
     return model, variables, predict.make_segmenter(model, variables, config)
 
 

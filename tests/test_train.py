@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from hemnet_jax.models import create_model
 from hemnet_jax.training import sharding
 from hemnet_jax.training.checkpointing import Checkpointer
 from hemnet_jax.training.state import abstract_state, optimizer_for
-from tests.tiny import tiny_config
+from tests.tiny import TINY_RUN_NUM_STEPS, TINY_RUN_STEPS, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,23 +82,26 @@ def _train_cmd(workdir, data_dir, *extra):
     ]
 
 
-@pytest.mark.heavy(seconds=45)
-def test_resume_continues_exactly(tiny_data_dir, tmp_path):
-    """6 steps straight equal 3 steps, an interruption, a resume, 3 more steps."""
-    config = _config(tiny_data_dir, num_steps=6, checkpoint_every=100, validate_at_end=True)
-    straight = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
+@pytest.mark.heavy(seconds=30)
+def test_resume_continues_exactly(tiny_data_dir, tiny_run, tmp_path):
+    """12 steps straight equal 2 steps, an interruption, a resume, 10 more steps: the first two
+    and the interruption are conftest's `tiny_run` (same config, same single device)."""
+    n = TINY_RUN_NUM_STEPS
+    config = _config(tiny_data_dir, num_steps=n, checkpoint_every=100, validate_at_end=True)
+    one_device = sharding.create_mesh(jax.devices()[:1])
+    straight = trainer.train_and_evaluate(config, str(tmp_path / "straight"), mesh=one_device)
     interrupted = str(tmp_path / "interrupted")
-    first = trainer.train_and_evaluate(config, interrupted, stop_after=3)
-    assert int(first.step) == 3
-    assert Checkpointer(f"{interrupted}/checkpoints", read_only=True).latest_step() == 3
-    resumed = trainer.train_and_evaluate(config, interrupted)
-    assert int(resumed.step) == int(straight.step) == 6
+    shutil.copytree(tiny_run, interrupted)
+    assert Checkpointer(f"{interrupted}/checkpoints", read_only=True).latest_step() == (
+        TINY_RUN_STEPS)
+    resumed = trainer.train_and_evaluate(config, interrupted, mesh=one_device)
+    assert int(resumed.step) == int(straight.step) == n
     for name in ("params", "opt_state", "batch_stats", "bases"):
         _assert_trees_close(getattr(resumed, name), getattr(straight, name), 1e-6, name)
-    # The loss logged for steps 5-6 is the same too (same data, same dropout keys).
+    # The loss logged for the last steps is the same too (same data, same dropout keys).
     a, b = read_scalars(f"{tmp_path}/straight", "loss"), read_scalars(interrupted, "loss")
-    assert a[6] == pytest.approx(b[6], rel=1e-6)
-    assert set(read_scalars(interrupted, "val_miou")) == {6}  # validated once, at the end
+    assert a[n] == pytest.approx(b[n], rel=1e-6)
+    assert set(read_scalars(interrupted, "val_miou")) == {n}  # validated once, at the end
 
 
 @pytest.mark.heavy(seconds=100)
@@ -179,7 +183,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_data_dir, tmp_path):
     _assert_console_and_log_file(workdir, "".join(console))
     saved = Checkpointer(f"{workdir}/checkpoints", read_only=True).latest_step()
     assert saved is not None and 2 <= saved < 100
-    # On the subprocess's 2 devices: its compiled step is in the persistent cache.
+    # On the subprocess's 2 devices.
     resumed = trainer.train_and_evaluate(_config(tiny_data_dir, num_steps=saved + 2), str(workdir),
                                          mesh=sharding.create_mesh(jax.devices()[:2]))
     assert int(resumed.step) == saved + 2
@@ -216,20 +220,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.heavy(seconds=50)
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data_dir, tmp_path):
-    config = _config(tiny_data_dir, num_steps=8, checkpoint_every=3)
-    trainer.train_and_evaluate(config, str(tmp_path), stop_after=2)
-    ckpt = Checkpointer(f"{tmp_path}/checkpoints", read_only=True)
+@pytest.mark.heavy(seconds=30)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data_dir, tiny_run, tmp_path):
+    """Resumes conftest's `tiny_run` (the tiny config stopped at step 2, one device)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    config = _config(tiny_data_dir, num_steps=TINY_RUN_NUM_STEPS)
+    assert config.train.checkpoint_every == 3
+    ckpt = Checkpointer(f"{workdir}/checkpoints", read_only=True)
     assert ckpt.latest_step() == 2
+    mesh = sharding.create_mesh(jax.devices()[:1])
     config.train.learning_rate = 1e30  # diverges at once
     with pytest.raises(FloatingPointError, match=r"NaN or Inf at step 3\..*checkpoint is step 2"):
-        trainer.train_and_evaluate(config, str(tmp_path))
-    ckpt = Checkpointer(f"{tmp_path}/checkpoints", read_only=True)
+        trainer.train_and_evaluate(config, str(workdir), mesh=mesh)
+    ckpt = Checkpointer(f"{workdir}/checkpoints", read_only=True)
     assert ckpt.latest_step() == 2
-    assert sorted(os.listdir(f"{tmp_path}/checkpoints")) == ["2"]  # nothing written after it
+    assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["2"]  # nothing written after it
     model = create_model(config.model, num_classes=6)
-    mesh = sharding.create_mesh(jax.devices()[:1])
     tx, _ = optimizer_for(config, model)
     restored, _ = ckpt.restore(abstract_state(model, tx, mesh), config)
     assert int(restored.step) == 2

@@ -2,6 +2,10 @@
 
 from hemnet_jax import config as cfg
 
+# conftest's `tiny_run`: the tiny config with 12 steps, stopped after 2.
+TINY_RUN_NUM_STEPS = 12
+TINY_RUN_STEPS = 2
+
 
 def tiny_config(dataset: str = "synthetic_scenes/tiny"):
     config = cfg.base_config()
