@@ -1,5 +1,6 @@
 """Prediction pictures and the Fig. 4 attention grid, on a freshly initialised tiny HEMNet."""
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -191,8 +192,7 @@ def test_attention_maps_do_not_depend_on_the_padding():
     config = tiny_config()
     config.model.temperature = 0.05
     model = create_model(config.model, NUM_CLASSES)
-    variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(
-        jax.random.PRNGKey(0))
+    variables = init_variables(model, seed=0)
     rgb = np.random.default_rng(2).integers(0, 256, (17, 20, 3), dtype=np.uint8)
 
     @jax.jit
