@@ -102,3 +102,26 @@ def tiny_run(tiny_data_dir, tmp_path_factory) -> str:
         assert int(state.step) == TINY_RUN_STEPS
 
     return shared_build(tmp_path_factory, "tiny_run", train)
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A Cloud Storage API server on a free port of 127.0.0.1 (tests/gcs_server.py), in memory,
+    with the bucket `tests.bucket.BUCKET`; STORAGE_EMULATOR_HOST set (and what
+    `storage.configure` derives from it) for the module, then the server stopped."""
+    from hemnet_jax import storage
+    from tests.bucket import BUCKET
+    from tests.gcs_server import GcsServer, TlsProxy
+
+    saved = dict(os.environ)
+    with GcsServer() as server:
+        server.create_bucket(BUCKET)
+        server.proxy = TlsProxy(server.port)  # for TensorFlow's reads (tests/gcs_server.py)
+        os.environ[storage.EMULATOR_VARIABLE] = server.url
+        storage.configure()
+        try:
+            yield server
+        finally:
+            server.proxy.close()
+            os.environ.clear()
+            os.environ.update(saved)

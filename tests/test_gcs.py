@@ -22,56 +22,17 @@ import pytest
 from hemnet_jax import storage
 from hemnet_jax.training import sharding
 from hemnet_jax.training.checkpointing import Checkpointer
-from tests.gcs_server import GcsServer, TlsProxy
+from tests.bucket import BUCKET, bucket_env, bucket_fs
 from tests.test_multiprocess import _bitwise_equal, _restore, _Run
-from tests.test_train import REPO, _config, _subprocess_env, _train_cmd, read_scalars
+from tests.test_train import REPO, _config, _train_cmd, read_scalars
 
-BUCKET = "bkt"
 STEPS = 8  # a checkpoint every step, the last 3 kept: 6, 7, 8 at the end
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    """The server on a free port of 127.0.0.1, in memory, with one bucket; STORAGE_EMULATOR_HOST
-    set (and what `storage.configure` derives from it) for the module, then the server stopped."""
-    saved = dict(os.environ)
-    with GcsServer() as server:
-        server.create_bucket(BUCKET)
-        server.proxy = TlsProxy(server.port)  # for TensorFlow's reads (tests/gcs_server.py)
-        os.environ[storage.EMULATOR_VARIABLE] = server.url
-        storage.configure()
-        try:
-            yield server
-        finally:
-            server.proxy.close()
-            os.environ.clear()
-            os.environ.update(saved)
-
-
-def _fs():
-    import gcsfs
-
-    return gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False)
-
-
-def _env(gcs, num_devices=2, *, tensorflow=True):
-    """A subprocess's environment: the test session's, STORAGE_EMULATOR_HOST and nothing else of
-    Cloud Storage (the program derives the rest), and unless not `tensorflow`, the proxy
-    settings through which TensorFlow reads from the server."""
-    env = _subprocess_env(num_devices)
-    for name in ("EPATH_USE_TF", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
-                 "GOOGLE_AUTH_TOKEN_FOR_TESTING", "NO_GCE_CHECK"):
-        env.pop(name, None)
-    env[storage.EMULATOR_VARIABLE] = gcs.url
-    if tensorflow:
-        env.update(gcs.proxy.environment())
-    return env
 
 
 @pytest.fixture(scope="module")
 def bucket_data_dir(gcs, tiny_data_dir):
     """The TFDS data_dir of synthetic_scenes/tiny, built locally and copied to the bucket."""
-    _fs().put(tiny_data_dir, f"{BUCKET}/tfds", recursive=True)
+    bucket_fs().put(tiny_data_dir, f"{BUCKET}/tfds", recursive=True)
     return f"gs://{BUCKET}/tfds"
 
 
@@ -132,12 +93,12 @@ def test_two_runs_racing_for_the_lock_of_a_bucket_workdir(gcs):
     at = time.time() + 8  # after every process has imported its modules
     procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, str(at), workdir],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(gcs), cwd=REPO) for _ in range(3)]
+                              env=bucket_env(gcs), cwd=REPO) for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
     said = [out.strip() for out, _ in outs]
     assert sorted(s.split()[0] for s in said) == ["lost:", "lost:", "won"], outs
     assert all("is in use by another training run" in s for s in said if s.startswith("lost"))
-    assert not _fs().exists(f"{BUCKET}/lock_race/train.lock")
+    assert not bucket_fs().exists(f"{BUCKET}/lock_race/train.lock")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +113,7 @@ def bucket_run(gcs, tiny_data_dir, bucket_data_dir, tmp_path_factory):
     cmd = _train_cmd(workdir, bucket_data_dir, f"--config.train.num_steps={STEPS}",
                      "--config.train.log_every=1", "--config.train.checkpoint_every=1")
     cmd[2:4] = ["--config", os.path.join(REPO, "tests/tiny.py")]
-    env = _env(gcs)
+    env = bucket_env(gcs)
     # The uninterrupted reference: the same command into a local workdir, alongside.
     local = str(tmp_path_factory.mktemp("straight"))
     straight = subprocess.Popen([*cmd[:4], "--workdir", local,
@@ -189,7 +150,7 @@ def test_training_in_a_bucket_resumes_exactly_and_falls_back(bucket_run, tmp_pat
     assert "Taking over the stale lock" in resumed.stderr
     # Everything is in the bucket, nothing in the local working directory.
     assert os.listdir(cwd) == []
-    fs = _fs()
+    fs = bucket_fs()
     names = {p.split("/", 2)[2] for p in fs.find(f"{BUCKET}/run")}
     assert {"config.json", "train.log"} <= names, names
     assert "train.lock" not in names  # released at the end
@@ -247,10 +208,10 @@ def _fallback(workdir, config, quarantine=False):
 def test_bucket_mistakes_end_in_one_line(gcs, tiny_data_dir, tmp_path):
     """A missing bucket, an unreachable server: one FATAL line naming the key, no traceback."""
     cmd = _train_cmd("gs://no-such-bucket/run", tiny_data_dir)
-    line = _fatal_line(subprocess.run(cmd, capture_output=True, text=True, env=_env(gcs),
+    line = _fatal_line(subprocess.run(cmd, capture_output=True, text=True, env=bucket_env(gcs),
                                       cwd=REPO, timeout=120))
     assert "--workdir gs://no-such-bucket/run" in line and "does not exist" in line, line
-    env = _env(gcs)
+    env = bucket_env(gcs)
     env[storage.EMULATOR_VARIABLE] = f"http://127.0.0.1:{_closed_port()}"
     line = _fatal_line(subprocess.run(_train_cmd(f"gs://{BUCKET}/x", tiny_data_dir),
                                       capture_output=True, text=True, env=env, cwd=REPO,
@@ -281,9 +242,9 @@ def test_evaluation_and_prediction_from_a_bucket_workdir(bucket_run, gcs, bucket
         [sys.executable, "eval.py", "--config", "tests/tiny.py", "--workdir", workdir,
          "--output_dir", f"gs://{BUCKET}/evals", f"--config.data.data_dir={bucket_data_dir}",
          "--config.eval.max_batches=1"],
-        capture_output=True, text=True, env=_env(gcs), cwd=REPO, timeout=300)
+        capture_output=True, text=True, env=bucket_env(gcs), cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    fs = _fs()
+    fs = bucket_fs()
     [written] = fs.find(f"{BUCKET}/evals/eval")
     in_bucket = json.loads(fs.cat(written))
     assert in_bucket["step"] == STEPS and in_bucket["checkpoint"].startswith(workdir)
@@ -336,7 +297,7 @@ def test_programs_that_cannot_take_a_bucket_path_refuse_it(gcs, tiny_data_dir, t
             "-m", "hemnet_jax.data.prepare", "synthetic_scenes/tiny", "--data_dir",
             f"gs://{BUCKET}/built_here"],
     }
-    env = _env(gcs, tensorflow=False)
+    env = bucket_env(gcs, tensorflow=False)
     procs = {words: subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
              for words, args in runs.items()}
@@ -345,50 +306,6 @@ def test_programs_that_cannot_take_a_bucket_path_refuse_it(gcs, tiny_data_dir, t
         line = _fatal_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
         assert all(w in line for w in words), line
     assert not os.path.exists(tmp_path / "masks") and not os.path.exists(tmp_path / "w")
-
-
-MP_STEPS = 6
-
-
-def _two_processes_in_bucket(gcs, workdir, data_dir):
-    """train.py as process i of two (2 CPU devices each) on one gs:// workdir: hosts that share
-    nothing but the bucket. No dropout, a log line per step, a checkpoint only at the end."""
-    from tests.test_train import _free_port
-
-    port = _free_port()
-    return [
-        _Run(_train_cmd(workdir, data_dir, f"--config.train.num_steps={MP_STEPS}",
-                        "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
-                        "--config.model.dropout=0.0", f"--coordinator_address=127.0.0.1:{port}",
-                        "--num_processes=2", f"--process_id={i}"),
-             _env(gcs))
-        for i in range(2)
-    ]
-
-
-@pytest.mark.heavy(seconds=150)
-def test_sigterm_in_a_two_process_run_with_a_bucket_workdir(gcs, tiny_data_dir):
-    """SIGTERM to one of two processes: both stop at one step, save it to the bucket and exit 0;
-    resumed, the run ends bitwise equal to a straight two-process run (run alongside)."""
-    straight = _two_processes_in_bucket(gcs, f"gs://{BUCKET}/mp_straight", tiny_data_dir)
-    runs = _two_processes_in_bucket(gcs, f"gs://{BUCKET}/mp", tiny_data_dir)
-    runs[1].wait_for_step(2, timeout=900)  # four processes compile on 2 cores
-    runs[1].proc.send_signal(signal.SIGTERM)
-    codes = [r.finish(600) for r in runs]
-    assert codes == [0, 0], "".join(runs[0].lines[-30:] + runs[1].lines[-30:])
-    ckpt = Checkpointer(f"gs://{BUCKET}/mp/checkpoints", read_only=True)
-    [stop] = ckpt.all_steps()
-    assert 2 <= stop < MP_STEPS
-    for r in runs:  # every process stopped at that step
-        assert any(f"Stopped at step {stop} after a preemption notice" in x for x in r.lines)
-    assert [r.finish(600) for r in straight] == [0, 0], "".join(straight[0].lines[-30:])
-
-    resumed = _two_processes_in_bucket(gcs, f"gs://{BUCKET}/mp", tiny_data_dir)
-    assert [r.finish(600) for r in resumed] == [0, 0], "".join(resumed[0].lines[-30:])
-    assert any(f"Resumed from the checkpoint of step {stop}" in x for x in resumed[0].lines)
-    a, b = _restore(f"gs://{BUCKET}/mp"), _restore(f"gs://{BUCKET}/mp_straight")
-    assert int(a.step) == int(b.step) == MP_STEPS
-    assert _bitwise_equal(a, b)
 
 
 @pytest.mark.heavy(seconds=25)
@@ -415,7 +332,7 @@ def test_import_emanet_into_a_bucket_workdir(gcs, tmp_path):
         [sys.executable, "-m", "hemnet_jax.models.weights", "import-emanet", str(path),
          "--config", "tests/tiny.py", "--workdir", workdir,
          *(f"--config.model.{k}={v}" for k, v in emanet.items())],
-        cwd=REPO, env=_env(gcs, 1), capture_output=True, text=True, timeout=300)
+        cwd=REPO, env=bucket_env(gcs, 1), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     restored = _assert_same_logits(config, workdir, net, _images())
     assert restored.step == 1234 and restored.path == f"{workdir}/checkpoints/1234"
