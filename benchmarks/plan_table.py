@@ -1,0 +1,144 @@
+"""The compiled-plan table of benchmarks/README.md: `python -m hemnet_jax.plan`, one row at a time.
+
+Each row is one real run of the planning command (the TPU compiler through libtpu, no TPU);
+its JSON, with the command, the date and the versions added, is written to
+benchmarks/plans/<row>.json as soon as that compile ends, so that a long sweep keeps every
+finished row. Rows whose JSON exists are skipped (delete it to redo one).
+
+  python benchmarks/plan_table.py --run [--rows voc_v5e8,emanet_v5e8]   # compile (minutes each)
+  python benchmarks/plan_table.py                                       # print the Markdown table
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PLANS_DIR = Path(__file__).resolve().parent / "plans"
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (config, topology, extra arguments); in the order they are compiled.
+ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "voc_v5e8": ("configs/voc.py", "v5e:2x4", ()),
+    "emanet_v5e8": ("configs/voc.py:emanet", "v5e:2x4", ()),
+    "r50_os16_v5e8": ("configs/voc.py:r50_os16", "v5e:2x4", ()),
+    "context_v5e8": ("configs/context.py", "v5e:2x4", ()),
+    "cocostuff_v5e8": ("configs/cocostuff.py", "v5e:2x4", ()),
+    "voc_v4_8": ("configs/voc.py", "v4:2x2x1", ()),
+    "voc_v5p_8": ("configs/voc.py", "v5p:2x2x1", ()),
+    "voc_v6e8": ("configs/voc.py", "v6e:2x4", ()),
+    "voc_v4_32": ("configs/voc.py", "v4:2x2x4", ()),  # 16 chips, 4 hosts: 1 image per chip
+    **{
+        f"{name}_t{t}{'_remat' if remat else ''}_v5e8": (
+            config, "v5e:2x4",
+            (f"--config.model.num_iters={t}", f"--config.model.remat={remat}"),
+        )
+        for remat in (False, True) for t in (3, 6, 12)
+        for name, config in (("hem", "configs/voc.py"), ("em", "configs/voc.py:emanet"))
+        if (t, remat) != (3, False)  # = voc_v5e8 and emanet_v5e8
+    },
+    "voc_bf16_v5e8": ("configs/voc.py", "v5e:2x4", ("--config.model.dtype=bfloat16",)),
+    "voc_maxbatch_v5e8": ("configs/voc.py", "v5e:2x4", ("--max_batch",)),
+}
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for package in ("jax", "jaxlib", "libtpu", "flax"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def command(name: str, path: Path) -> list[str]:
+    config, topology, extra = ROWS[name]
+    return ["python", "-m", "hemnet_jax.plan", "--config", config, "--topology", topology,
+            *extra, "--json", str(path.relative_to(ROOT))]
+
+
+def run(names: list[str]) -> None:
+    """Compiles each row without a JSON yet, one at a time; writes its JSON when it ends."""
+    PLANS_DIR.mkdir(exist_ok=True)
+    for name in names:
+        path = PLANS_DIR / f"{name}.json"
+        if path.exists():
+            continue
+        argv = command(name, path)
+        print(f"{datetime.datetime.now():%H:%M:%S} {name}: {' '.join(argv)}", flush=True)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=os.environ.copy(),
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode != 0 or not path.exists():
+            (PLANS_DIR / f"{name}.failed.txt").write_text(done.stdout + done.stderr)
+            print(f"  failed ({done.returncode}) after {wall:.0f} s", flush=True)
+            continue
+        result = json.loads(path.read_text())
+        result["row"] = {
+            "command": " ".join(argv),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "versions": versions(), "wall_s": round(wall, 1),
+            "load_average_1min": os.getloadavg()[0],
+        }
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"  done in {wall:.0f} s", flush=True)
+
+
+def gb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e9:.2f}"
+
+
+def table_row(name: str, r: dict[str, Any]) -> str:
+    train, ev = r["train"], r.get("eval") or {}
+    hbm = r["hbm_bytes_per_chip"]
+    flops_image = train["flops_per_step"] * r["chips"] / r["global_batch"]
+    return " | ".join([
+        "", name, f"`{ROWS[name][0]}` {' '.join(ROWS[name][2])}".strip(), r["topology"],
+        f"{r['chips']} / {r['hosts']}", f"{r['global_batch']} ({r['per_chip_batch']}/chip)",
+        "yes" if train["fits"] else "**no**", gb(train["argument_bytes"]), gb(train["temp_bytes"]),
+        f"{gb(train['total_bytes'])} / {hbm / 2**30:.0f} GiB",
+        f"{flops_image / 1e12:.3f}", f"{train['compile_s']:.0f}",
+        gb(ev.get("total_bytes")), "-" if ev.get("compile_s") is None else f"{ev['compile_s']:.0f}",
+        "-" if r.get("max_global_batch") is None else str(r["max_global_batch"]), "",
+    ]).strip()
+
+
+HEADER = (
+    "| row | config | topology | chips / hosts | global batch | train fits | arguments GB/chip "
+    "| temporaries GB/chip | train total GB/chip / HBM | TFLOP per image (train) | train "
+    "compile s | eval total GB/chip | eval compile s | max global batch |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+def render() -> str:
+    lines = [HEADER]
+    for name in ROWS:
+        path = PLANS_DIR / f"{name}.json"
+        if path.exists():
+            lines.append(table_row(name, json.loads(path.read_text())))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", action="store_true", help="compile the rows without a JSON")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    args = p.parse_args(argv)
+    if args.run:
+        run([n for n in args.rows.split(",") if n])
+    print(render())
+
+
+if __name__ == "__main__":
+    main()
