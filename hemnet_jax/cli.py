@@ -30,6 +30,7 @@ from absl import logging as absl_logging
 from etils import epath
 from ml_collections import config_flags
 
+from hemnet_jax import accelerators
 from hemnet_jax.errors import UserError
 
 
@@ -284,6 +285,7 @@ def run(main: Callable[[list[str]], Any], define_flags: Callable[[], None]) -> N
     # frozen objects (TensorFlow's and JAX's millions), which took 5 s at rest and 20-45 s on a
     # busy machine after the program's work was done and flushed.
     atexit.register(gc.freeze)
+    accelerators.keep_tpu_plugin_off_without_tpu()  # before JAX initialises a backend
     before = set(flags.FLAGS)
     define_flags()
     for name in sorted(set(flags.FLAGS) - before):  # --help lists the main module's key flags
@@ -294,4 +296,5 @@ def run(main: Callable[[list[str]], Any], define_flags: Callable[[], None]) -> N
 def run_plain(main: Callable[[list[str]], Any]) -> None:
     """`run` for a program that parses its own arguments: main(sys.argv) (the program name
     first, as absl passes it) with expected errors as FATAL lines."""
+    accelerators.keep_tpu_plugin_off_without_tpu()
     reporting_user_errors(main)(sys.argv)

@@ -30,14 +30,17 @@ LOOP = "hemnet_jax.trainer"
 # group of lower rank, never up and never sideways (models and data are independent).
 GROUP_RANKS = {
     "hemnet_jax.errors": -1,  # UserError, which every layer's expected errors subclass
+    "hemnet_jax.accelerators": -0.5,  # the host's accelerators; the programs' start-up rule
     "hemnet_jax.config_check": 0,
     "hemnet_jax.hem": 0, "hemnet_jax.hem_diagnostics": 0, "hemnet_jax.config": 0,
     "hemnet_jax.cli": 0, "hemnet_jax._compat": 0,
+    "hemnet_jax.tpu_topology": 0, "hemnet_jax.compiled_hlo": 0,
     "hemnet_jax.models": 1, "hemnet_jax.data": 1,
     "hemnet_jax": 1.5,  # the package face: hem and HEMUnit
     "hemnet_jax.training": 2,
     "hemnet_jax.evaluation": 3,
     "hemnet_jax.studies": 4,
+    "hemnet_jax.plan": 4,  # python -m hemnet_jax.plan: compiles the steps for a TPU slice
     "hemnet_jax.trainer": 5,
     "programs": 6,
 }

@@ -75,15 +75,19 @@ def state_shardings(tree, mesh: Mesh, rule: str = "replicated"):
     return jax.tree.map(lambda _: replicated(mesh), tree)
 
 
-def per_process_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """The share of the global batch that this process feeds; it must divide evenly."""
+def per_process_batch_size(
+    global_batch_size: int, mesh: Mesh, process_index: int | None = None
+) -> int:
+    """The share of the global batch that a process (default: this one) feeds; it must divide
+    evenly."""
     num_devices = mesh.devices.size
     if global_batch_size % num_devices:
         raise ValueError(
             f"The global batch size {global_batch_size} must be a multiple of the number of "
             f"devices ({num_devices}): set --config.train.batch_size (or eval.batch_size) to one."
         )
-    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    index = jax.process_index() if process_index is None else process_index
+    local = sum(d.process_index == index for d in mesh.devices.flat)
     return global_batch_size // num_devices * local
 
 
