@@ -79,13 +79,15 @@ def run(names: list[str]) -> None:
         done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=os.environ.copy(),
                               capture_output=True, text=True)
         wall = time.perf_counter() - start
-        if done.returncode != 0 or not path.exists():
+        if not path.exists():  # a step that does not fit still writes its JSON, then FATAL
             (PLANS_DIR / f"{name}.failed.txt").write_text(done.stdout + done.stderr)
             print(f"  failed ({done.returncode}) after {wall:.0f} s", flush=True)
             continue
         result = json.loads(path.read_text())
+        fatal = [line for line in done.stderr.splitlines() if line.startswith("FATAL:")]
         result["row"] = {
-            "command": " ".join(argv),
+            "command": " ".join(argv), "returncode": done.returncode,
+            "fatal": fatal[-1] if fatal else None,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "versions": versions(), "wall_s": round(wall, 1),
             "load_average_1min": os.getloadavg()[0],

@@ -26,7 +26,7 @@ import ml_collections
 from absl import flags
 from jax.sharding import Mesh
 
-from hemnet_jax import cli, compiled_hlo, config_check, tpu_topology
+from hemnet_jax import cli, compiled_hlo, config_check, gpu_topology, tpu_topology
 from hemnet_jax.data import datasets
 from hemnet_jax.errors import UserError
 from hemnet_jax.evaluation import predictors
@@ -57,7 +57,7 @@ class StepPlan:
     output_bytes: int
     temp_bytes: int
     total_bytes: int  # arguments + outputs + temporaries - aliased (donated) buffers
-    flops_per_step: float
+    flops_per_step: float | None  # None: the compiler gave no cost analysis
     compile_s: float
     fits: bool
     global_batch: int
@@ -80,6 +80,8 @@ def compile_step(jitted: Any, args: tuple, *, hbm_bytes: int, global_batch: int,
     compiled = jitted.lower(*args).compile()
     seconds = time.perf_counter() - start
     flops, total = report.compiled_cost(compiled)
+    if not compiled.cost_analysis():  # the GPU compiler without a device gives none
+        flops = None
     mem = compiled.memory_analysis()
     text = compiled.as_text()
     return StepPlan(
@@ -245,8 +247,10 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan,
         f"{extra['config']} on {result['topology']} ({extra['device_kind']}): "
         f"{result['chips']} chips, {result['hosts']} host{'s' * (result['hosts'] > 1)}, "
         f"{_gib(hbm)} HBM per chip.",
-        "Figures of the TPU compiler (libtpu's buffer assignment, cost analysis and optimised "
-        "HLO), per chip; not measurements.",
+        ("Figures of the TPU compiler (libtpu's buffer assignment, cost analysis and optimised "
+         "HLO), per chip; not measurements." if not extra.get("gpu") else
+         "Figures of XLA's GPU compiler (JAX's CUDA plugin, no GPU: no autotuning, no Triton "
+         "GEMMs, no cost analysis), per GPU; not measurements."),
         f"train step: global batch {train.global_batch}, {train.per_chip_batch} per chip, "
         f"crop {extra['crop']}x{extra['crop']}.",
         f"eval step:  global batch {evaluation.global_batch}, {evaluation.per_chip_batch} per "
@@ -263,6 +267,10 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan,
     lines += ["(total = arguments + outputs + temporaries - donated buffers reused as outputs)", ""]
     dense = extra["dense_train"]
     for name, p, d in (("train", train, dense), ("eval", evaluation, extra["dense_eval"])):
+        if p.flops_per_step is None:
+            lines.append(f"FLOPs, {name} step: not given by this compiler; models.report's "
+                         f"dense conv count of one forward at that size: {_flops(d)}FLOPs.")
+            continue
         per_image = p.flops_per_step / max(p.per_chip_batch, 1)
         lines.append(
             f"FLOPs, {name} step: {_flops(p.flops_per_step)}FLOPs per chip per step, "
@@ -295,19 +303,30 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan,
 # The program.
 
 
+def parse_any_topology(name: str) -> tpu_topology.Topology | gpu_topology.GpuTopology:
+    """A Cloud TPU slice ("v5e:2x4") or a GPU host ("h100:8", gpu_topology)."""
+    if gpu_topology.is_gpu_topology(name):
+        return gpu_topology.parse_gpu_topology(name)
+    return tpu_topology.parse_topology(name)
+
+
 def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bool = False,
          log: Callable[[str], None] = lambda s: None) -> tuple[dict[str, Any], str]:
     """(the JSON result, the text report) of `config` on `topology_name`.
 
     Raises:
       tpu_topology.UnknownTopologyError, tpu_topology.LibtpuMissingError,
+      gpu_topology.UnknownGpuTopologyError, gpu_topology.CudaPluginMissingError,
       config_check.ConfigError (e.g. a batch that does not divide over the chips): before any
       compile.
     """
-    topology = tpu_topology.parse_topology(topology_name)
+    topology = parse_any_topology(topology_name)
     config_check.check(config, datasets=datasets.registry(), num_devices=topology.chips)
-    tpu_topology.require_libtpu()
-    devices = tpu_topology.compile_only_devices(topology)
+    if isinstance(topology, gpu_topology.GpuTopology):
+        devices = gpu_topology.compile_only_devices(topology)
+    else:
+        tpu_topology.require_libtpu()
+        devices = tpu_topology.compile_only_devices(topology)
     planner = Planner(config, topology, devices)
     log(f"Compiling the train step for {topology.name}...")
     train = planner.train(config.train.batch_size)
@@ -331,6 +350,7 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
         "dense_train": planner.dense_flops_per_image(config.data.crop_size),
         "dense_eval": planner.dense_flops_per_image(canvas),
         "chips_per_host": topology.chips // topology.hosts,
+        "gpu": isinstance(topology, gpu_topology.GpuTopology),
     }
     result["train"]["dense_flops_per_image"] = extra["dense_train"]
     result["eval"]["dense_flops_per_image"] = extra["dense_eval"]
@@ -376,7 +396,7 @@ def main(argv: list[str]) -> None:
     if not f.topology:
         raise tpu_topology.UnknownTopologyError(
             f"Pass --topology, one of {', '.join(tpu_topology.KNOWN_TOPOLOGIES)}.")
-    tpu_topology.parse_topology(f.topology)  # before anything else: one FATAL line
+    parse_any_topology(f.topology)  # before anything else: one FATAL line
     result, text = plan(f.config, f.topology, max_batch=f.max_batch,
                         log=lambda s: print(s, file=sys.stderr, flush=True))
     print(text, flush=True)
