@@ -9,8 +9,8 @@ Gathers into one JSON what the other benchmarks measure separately:
      (N = 65^2, K = 64, C = 512, T = 3; HEMNet eta 0.5 and EMANet's EM) on the device, its
      output and input gradient, in float32 (the backend's default matmul precision, and
      "highest") and with bfloat16 features (what the model's bfloat16 convs hand the unit; the EM
-     math itself runs in float32, `hem._accum_dtype`), each against float64 on the host CPU
-     (TPUs have no float64).
+     math itself runs in float32, `hem._accum_dtype`), each against float64 on the same device
+     (on the host CPU where the device is a TPU, which has no float64).
 
 Made to finish within 8 minutes on one H100/H200 (not yet run on one: no accelerator was lent).
 `--tiny`: tiny sizes, for CI on a CPU.
@@ -60,11 +60,16 @@ def relative_error(value: Any, reference: np.ndarray) -> float:
     return float(np.linalg.norm(value - reference) / np.linalg.norm(reference))
 
 
+def reference_device() -> jax.Device:
+    """Where float64 runs: the device itself, but a TPU's host CPU (TPUs have no float64)."""
+    return jax.devices("cpu")[0] if jax.default_backend() == "tpu" else jax.devices()[0]
+
+
 def core_precision(point: dict[str, int]) -> list[dict[str, Any]]:
     """Per variant and setting: relative and max errors of the core's output (and, for HEM,
-    of the gradient of mean(out^2) w.r.t. the features) against float64 on the host CPU."""
+    of the gradient of mean(out^2) w.r.t. the features) against float64 (`reference_device`)."""
     x64 = clustered_features(point)
-    cpu = jax.devices("cpu")[0]
+    device = reference_device()
     rows = []
     for variant in ("hem", "em"):
         m = hem_unit.model_config(variant, point, argparse.Namespace(step_size=0.5,
@@ -73,7 +78,7 @@ def core_precision(point: dict[str, int]) -> list[dict[str, Any]]:
             "core", m, jnp.asarray(x64, jnp.float32))
         mu0 = np.asarray(mu0, np.float64)
         with jax.enable_x64(True):
-            args = jax.device_put((x64, mu0), cpu)
+            args = jax.device_put((x64, mu0), device)
             ref_out = np.asarray(jax.jit(forward)(*args))
             ref_grad = np.asarray(jax.jit(forward_backward)(*args)[1])
         for name, dtype, precision in SETTINGS:
@@ -135,12 +140,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     precision = core_precision(point)
     info = common.machine()
     print(f"\nHEM core (N = {point['side']}^2, K = {point['k']}, C = {point['c']}, "
-          f"T = {point['t']}) on {info['devices']} against float64 on the host CPU:")
+          f"T = {point['t']}) on {info['devices']} against float64 on "
+          f"{reference_device().device_kind}:")
     print(common.format_table(precision, PRECISION_COLUMNS))
     wall = time.perf_counter() - start
     print(f"accelerator check: wall time {wall:.0f} s")
     result = {"benchmark": "accelerator_check", **info, "args": vars(args), "wall_s": wall,
-              "train_step": step, "hem_core_point": point, "hem_core_precision": precision}
+              "train_step": step, "hem_core_point": point, "hem_core_precision": precision,
+              "float64_on": reference_device().device_kind}
     print(f"wrote {common.write_json(args.json, result)}")
     return result
 

@@ -32,6 +32,9 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "r50_os16_v5e8": ("configs/voc.py:r50_os16", "v5e:2x4", ()),
     "context_v5e8": ("configs/context.py", "v5e:2x4", ()),
     "cocostuff_v5e8": ("configs/cocostuff.py", "v5e:2x4", ()),
+    "voc_h100x1": ("configs/voc.py", "h100:1", ()),
+    "voc_bf16_h100x1": ("configs/voc.py", "h100:1", ("--config.model.dtype=bfloat16",)),
+    "voc_h100x8": ("configs/voc.py", "h100:8", ()),
     "voc_v4_8": ("configs/voc.py", "v4:2x2x1", ()),
     "voc_v5p_8": ("configs/voc.py", "v5p:2x2x1", ()),
     "voc_v6e8": ("configs/voc.py", "v6e:2x4", ()),
@@ -52,7 +55,7 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 
 def versions() -> dict[str, str]:
     out = {}
-    for package in ("jax", "jaxlib", "libtpu", "flax"):
+    for package in ("jax", "jaxlib", "libtpu", "jax-cuda12-plugin", "flax"):
         try:
             out[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
