@@ -7,6 +7,12 @@ finished row. Rows whose JSON exists are skipped (delete it to redo one).
 
   python benchmarks/plan_table.py --run [--rows voc_v5e8,emanet_v5e8]   # compile (minutes each)
   python benchmarks/plan_table.py                                       # print the Markdown table
+  python benchmarks/plan_table.py --mfu 0.4 --input_pipeline benchmarks/results/input_pipeline.json
+      # and what each host must feed at that (assumed) MFU, against the measured tf.data rate
+
+The host-side figures are estimates: the compiled FLOPs per image, an assumed MFU of the chip's
+peak dense bf16 FLOP/s (`train_step.PEAK_TFLOPS`), and `input_pipeline.py`'s examples/s on one
+core.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import train_step
+
 PLANS_DIR = Path(__file__).resolve().parent / "plans"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,23 +41,25 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "context_v5e8": ("configs/context.py", "v5e:2x4", ()),
     "cocostuff_v5e8": ("configs/cocostuff.py", "v5e:2x4", ()),
     "voc_h100x1": ("configs/voc.py", "h100:1", ()),
-    "voc_bf16_h100x1": ("configs/voc.py", "h100:1", ("--config.model.dtype=bfloat16",)),
-    "voc_h100x8": ("configs/voc.py", "h100:8", ()),
-    "voc_v4_8": ("configs/voc.py", "v4:2x2x1", ()),
-    "voc_v5p_8": ("configs/voc.py", "v5p:2x2x1", ()),
-    "voc_v6e8": ("configs/voc.py", "v6e:2x4", ()),
-    "voc_v4_32": ("configs/voc.py", "v4:2x2x4", ()),  # 16 chips, 4 hosts: 1 image per chip
+    "voc_v4_8": ("configs/voc.py", "v4:2x2x1", ("--train_only",)),
+    "voc_v5p_8": ("configs/voc.py", "v5p:2x2x1", ("--train_only",)),
+    "voc_v6e8": ("configs/voc.py", "v6e:2x4", ("--train_only",)),
+    "voc_v4_32": ("configs/voc.py", "v4:2x2x4", ("--train_only",)),  # 16 chips, 4 hosts
     **{
         f"{name}_t{t}{'_remat' if remat else ''}_v5e8": (
             config, "v5e:2x4",
-            (f"--config.model.num_iters={t}", f"--config.model.remat={remat}"),
+            (f"--config.model.num_iters={t}", f"--config.model.remat={remat}", "--train_only"),
         )
         for remat in (False, True) for t in (3, 6, 12)
         for name, config in (("hem", "configs/voc.py"), ("em", "configs/voc.py:emanet"))
         if (t, remat) != (3, False)  # = voc_v5e8 and emanet_v5e8
     },
-    "voc_bf16_v5e8": ("configs/voc.py", "v5e:2x4", ("--config.model.dtype=bfloat16",)),
-    "voc_maxbatch_v5e8": ("configs/voc.py", "v5e:2x4", ("--max_batch",)),
+    "voc_bf16_v5e8": ("configs/voc.py", "v5e:2x4", ("--config.model.dtype=bfloat16",
+                                                    "--train_only")),
+    "voc_bf16_h100x1": ("configs/voc.py", "h100:1", ("--config.model.dtype=bfloat16",
+                                                     "--train_only")),
+    "voc_h100x8": ("configs/voc.py", "h100:8", ("--train_only",)),
+    "voc_maxbatch_v5e8": ("configs/voc.py", "v5e:2x4", ("--max_batch", "--train_only")),
 }
 
 
@@ -135,14 +145,56 @@ def render() -> str:
     return "\n".join(lines)
 
 
+# Device kinds as JAX names them, for train_step.peak_tflops.
+DEVICE_KINDS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite",
+                "h100": "NVIDIA H100 80GB HBM3"}
+
+
+def host_feed(mfu: float, per_core: float | None) -> str:
+    """Per row with FLOPs: images/s per chip and per host at `mfu` of the chip's peak, and the
+    host cores that rate needs at `per_core` examples/s each (all estimates)."""
+    lines = ["| row | TFLOP per image | peak TFLOP/s per chip | images/s per chip (est.) | chips "
+             "per host | images/s per host (est.) | host cores needed (est.) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ROWS:
+        path = PLANS_DIR / f"{name}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        flops = r["train"]["flops_per_step"]
+        peak = train_step.peak_tflops(DEVICE_KINDS[r["topology"].split(":")[0]])
+        if not flops or not peak:
+            continue
+        per_image = flops / r["per_chip_batch"]
+        chip_rate = mfu * peak * 1e12 / per_image
+        per_host = r["chips"] // r["hosts"]
+        host_rate = chip_rate * per_host
+        cores = "-" if not per_core else f"{host_rate / per_core:.1f}"
+        lines.append(f"| {name} | {per_image / 1e12:.3f} | {peak:.0f} | {chip_rate:.1f} | "
+                     f"{per_host} | {host_rate:.0f} | {cores} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", action="store_true", help="compile the rows without a JSON")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    p.add_argument("--mfu", type=float, default=None,
+                   help="also estimate what each host must feed at this MFU (e.g. 0.4)")
+    p.add_argument("--input_pipeline", default=None,
+                   help="input_pipeline.py's JSON: its 1-thread examples/s is the rate per core")
     args = p.parse_args(argv)
     if args.run:
         run([n for n in args.rows.split(",") if n])
     print(render())
+    if args.mfu:
+        per_core = None
+        if args.input_pipeline:
+            rows = json.loads(Path(args.input_pipeline).read_text())["results"]
+            per_core = next(r["examples_per_s_per_core"] for r in rows if r["threads"] == 1)
+            print(f"\ntf.data, one thread: {per_core} examples/s per core ({args.input_pipeline})")
+        print(f"\nEstimates at an assumed MFU of {args.mfu:.0%}:")
+        print(host_feed(args.mfu, per_core))
 
 
 if __name__ == "__main__":

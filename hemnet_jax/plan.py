@@ -239,10 +239,14 @@ def _flops(n: float) -> str:
     return f"{n:,.0f} "
 
 
-def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan,
+def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan | None,
                 extra: dict[str, Any]) -> str:
-    """The plan as text: slice, memory per chip, FLOPs, collectives, checks, compile times."""
+    """The plan as text: slice, memory per chip, FLOPs, collectives, checks, compile times
+    (evaluation None: --train_only)."""
     hbm = result["hbm_bytes_per_chip"]
+    steps = [("train", train, extra["dense_train"])]
+    if evaluation is not None:
+        steps.append(("eval", evaluation, extra["dense_eval"]))
     lines = [
         f"{extra['config']} on {result['topology']} ({extra['device_kind']}): "
         f"{result['chips']} chips, {result['hosts']} host{'s' * (result['hosts'] > 1)}, "
@@ -253,6 +257,7 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan,
          "GEMMs, no cost analysis), per GPU; not measurements."),
         f"train step: global batch {train.global_batch}, {train.per_chip_batch} per chip, "
         f"crop {extra['crop']}x{extra['crop']}.",
+        "eval step:  not compiled (--train_only)." if evaluation is None else
         f"eval step:  global batch {evaluation.global_batch}, {evaluation.per_chip_batch} per "
         f"chip, canvas {extra['canvas']}x{extra['canvas']} ({extra['padding']} padding, "
         f"{extra['eval_mode']}).",
@@ -260,13 +265,12 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan,
         f"{'HBM per chip':<12}" + "".join(f"{h:>13}" for h in (
             "arguments", "outputs", "temporaries", "total", "headroom", "fits")),
     ]
-    for name, p in (("train step", train), ("eval step", evaluation)):
-        lines.append(f"{name:<12}" + "".join(f"{c:>13}" for c in (
+    for name, p, _ in steps:
+        lines.append(f"{name + ' step':<12}" + "".join(f"{c:>13}" for c in (
             _gib(p.argument_bytes), _gib(p.output_bytes), _gib(p.temp_bytes),
             _gib(p.total_bytes), _gib(hbm - p.total_bytes), "yes" if p.fits else "NO")))
     lines += ["(total = arguments + outputs + temporaries - donated buffers reused as outputs)", ""]
-    dense = extra["dense_train"]
-    for name, p, d in (("train", train, dense), ("eval", evaluation, extra["dense_eval"])):
+    for name, p, d in steps:
         if p.flops_per_step is None:
             lines.append(f"FLOPs, {name} step: not given by this compiler; models.report's "
                          f"dense conv count of one forward at that size: {_flops(d)}FLOPs.")
@@ -277,7 +281,7 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan,
             f"{_flops(per_image)}FLOPs per image; models.report's dense conv count of one "
             f"forward at that size: {_flops(d)}FLOPs ({per_image / d:.2f}x).")
     lines.append("")
-    for name, p in (("train", train), ("eval", evaluation)):
+    for name, p, _ in steps:
         parts = [f"{k} {v.count} ({_gib(v.bytes)})" for k, v in p.collectives.items()]
         lines.append(f"Collectives per {name} step, per chip: {', '.join(parts) or 'none'}.")
     if "process_shares" in extra:
@@ -291,8 +295,8 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan,
     for name, (found, reduced) in extra.get("reductions", {}).items():
         lines.append(f"{name}: {reduced} of {found} forward reductions all-reduced over the "
                      f"{result['chips']} chips{'' if reduced == found and found else ' (CHECK)'}.")
-    lines.append(f"Compile time on this machine: train {train.compile_s:.1f} s, eval "
-                 f"{evaluation.compile_s:.1f} s.")
+    lines.append("Compile time on this machine: " + ", ".join(
+        f"{name} {p.compile_s:.1f} s" for name, p, _ in steps) + ".")
     if result["max_global_batch"] is not None:
         lines.append(f"Largest global batch whose train step fits: {result['max_global_batch']} "
                      f"({result['max_global_batch'] // result['chips']} per chip).")
@@ -311,8 +315,10 @@ def parse_any_topology(name: str) -> tpu_topology.Topology | gpu_topology.GpuTop
 
 
 def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bool = False,
-         log: Callable[[str], None] = lambda s: None) -> tuple[dict[str, Any], str]:
-    """(the JSON result, the text report) of `config` on `topology_name`.
+         train_only: bool = False, log: Callable[[str], None] = lambda s: None,
+         ) -> tuple[dict[str, Any], str]:
+    """(the JSON result, the text report) of `config` on `topology_name`; train_only: no eval
+    step (its JSON entry is null).
 
     Raises:
       tpu_topology.UnknownTopologyError, tpu_topology.LibtpuMissingError,
@@ -330,8 +336,10 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
     planner = Planner(config, topology, devices)
     log(f"Compiling the train step for {topology.name}...")
     train = planner.train(config.train.batch_size)
-    log("Compiling the eval step...")
-    evaluation = planner.eval()
+    evaluation = None
+    if not train_only:
+        log("Compiling the eval step...")
+        evaluation = planner.eval()
     max_global = None
     if max_batch:
         log("Searching the largest global batch that fits (one compile per probe)...")
@@ -340,7 +348,8 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
         "topology": topology.name, "chips": topology.chips, "hosts": topology.hosts,
         "global_batch": train.global_batch, "per_chip_batch": train.per_chip_batch,
         "hbm_bytes_per_chip": topology.hbm_bytes_per_chip,
-        "train": train.json(), "eval": evaluation.json(), "max_global_batch": max_global,
+        "train": train.json(), "eval": evaluation and evaluation.json(),
+        "max_global_batch": max_global,
     }
     _, _, canvas = planner.eval_canvas()
     extra = {
@@ -353,7 +362,8 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
         "gpu": isinstance(topology, gpu_topology.GpuTopology),
     }
     result["train"]["dense_flops_per_image"] = extra["dense_train"]
-    result["eval"]["dense_flops_per_image"] = extra["dense_eval"]
+    if evaluation is not None:
+        result["eval"]["dense_flops_per_image"] = extra["dense_eval"]
     if topology.hosts > 1:
         extra["process_shares"] = process_shares(planner.mesh, train.global_batch)
     if topology.chips > 1:
@@ -382,7 +392,7 @@ def fit_error(result: dict[str, Any], config: ml_collections.ConfigDict) -> str 
                "data.crop_size")
         return (f"train.batch_size={train['global_batch']} does not fit {where}: the train step "
                 f"needs {_gib(train['total_bytes'])} per chip, {over} more; {fix}.")
-    if not evaluation["fits"]:
+    if evaluation and not evaluation["fits"]:
         over = _gib(evaluation["total_bytes"] - hbm)
         key = ("eval.batch_size" if config.eval.padding == "fixed" else "data.eval_pad_size")
         return (f"The eval step does not fit {where}: it needs {_gib(evaluation['total_bytes'])} "
@@ -397,7 +407,7 @@ def main(argv: list[str]) -> None:
         raise tpu_topology.UnknownTopologyError(
             f"Pass --topology, one of {', '.join(tpu_topology.KNOWN_TOPOLOGIES)}.")
     parse_any_topology(f.topology)  # before anything else: one FATAL line
-    result, text = plan(f.config, f.topology, max_batch=f.max_batch,
+    result, text = plan(f.config, f.topology, max_batch=f.max_batch, train_only=f.train_only,
                         log=lambda s: print(s, file=sys.stderr, flush=True))
     print(text, flush=True)
     if f.json:
@@ -416,6 +426,8 @@ def _define_flags() -> None:
     flags.DEFINE_bool("max_batch", False, "Also find the largest global batch whose train step "
                       "fits, by bisection over compiles.")
     flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+    flags.DEFINE_bool("train_only", False, "Compile the train step only (sweeps over training "
+                      "settings: half the compile time).")
 
 
 if __name__ == "__main__":
