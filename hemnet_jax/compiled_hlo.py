@@ -148,6 +148,8 @@ def all_reduced_over(text: str, op_name_pattern: str, num_devices: int,
             fusion_of[called.group(1)] = ins.name
 
     def over_slice(ins: Instruction) -> bool:
+        if ins.opcode == "all-reduce-done" and ins.operands and ins.operands[0] in by_name:
+            ins = by_name[ins.operands[0]]  # the asynchronous pair's start holds the groups
         return _kind(ins.opcode) == "all-reduce" and group_size(ins) == num_devices
 
     pattern = re.compile(op_name_pattern)

@@ -285,13 +285,11 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan | 
         parts = [f"{k} {v.count} ({_gib(v.bytes)})" for k, v in p.collectives.items()]
         lines.append(f"Collectives per {name} step, per chip: {', '.join(parts) or 'none'}.")
     if "process_shares" in extra:
-        shares = extra["process_shares"]
-        ok = all(a == b == train.per_chip_batch * extra["chips_per_host"]
-                 for a, b in shares.values())
+        shares, ok = extra["process_shares"], result["input"]["matches_sharding"]
         lines.append(
             f"Input pipeline: each of the {len(shares)} hosts feeds "
             f"{shares[0][0]} of the global batch's {train.global_batch} images, the rows its "
-            f"chips hold: {'matches' if ok else 'MISMATCH ' + str(shares)}.")
+            f"chips hold: {'matches' if ok else 'MISMATCH (fed, held) ' + str(shares)}.")
     for name, (found, reduced) in extra.get("reductions", {}).items():
         lines.append(f"{name}: {reduced} of {found} forward reductions all-reduced over the "
                      f"{result['chips']} chips{'' if reduced == found and found else ' (CHECK)'}.")
@@ -364,8 +362,14 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
     result["train"]["dense_flops_per_image"] = extra["dense_train"]
     if evaluation is not None:
         result["eval"]["dense_flops_per_image"] = extra["dense_eval"]
+    shares = process_shares(planner.mesh, train.global_batch)
+    expected = train.per_chip_batch * extra["chips_per_host"]
+    result["input"] = {
+        "per_process_batch": [fed for fed, _ in shares.values()],
+        "matches_sharding": all(fed == held == expected for fed, held in shares.values()),
+    }
     if topology.hosts > 1:
-        extra["process_shares"] = process_shares(planner.mesh, train.global_batch)
+        extra["process_shares"] = shares
     if topology.chips > 1:
         extra["reductions"] = slice_reductions(train, topology.chips)
         result["train"]["slice_reductions"] = {
