@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "voc_v5e8": ("configs/voc.py", "v5e:2x4", ()),
     "emanet_v5e8": ("configs/voc.py:emanet", "v5e:2x4", ()),
+    "voc_h100x1": ("configs/voc.py", "h100:1", ()),
     "r50_os16_v5e8": ("configs/voc.py:r50_os16", "v5e:2x4", ()),
     "context_v5e8": ("configs/context.py", "v5e:2x4", ()),
     "cocostuff_v5e8": ("configs/cocostuff.py", "v5e:2x4", ()),
-    "voc_h100x1": ("configs/voc.py", "h100:1", ()),
     "voc_v4_8": ("configs/voc.py", "v4:2x2x1", ("--train_only",)),
     "voc_v5p_8": ("configs/voc.py", "v5p:2x2x1", ("--train_only",)),
     "voc_v6e8": ("configs/voc.py", "v6e:2x4", ("--train_only",)),
@@ -109,8 +109,8 @@ def run(names: list[str]) -> None:
         print(f"  done in {wall:.0f} s", flush=True)
 
 
-def gb(value: float | None) -> str:
-    return "-" if value is None else f"{value / 1e9:.2f}"
+def gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
 
 
 def table_row(name: str, r: dict[str, Any]) -> str:
@@ -120,18 +120,20 @@ def table_row(name: str, r: dict[str, Any]) -> str:
     return " | ".join([
         "", name, f"`{ROWS[name][0]}` {' '.join(ROWS[name][2])}".strip(), r["topology"],
         f"{r['chips']} / {r['hosts']}", f"{r['global_batch']} ({r['per_chip_batch']}/chip)",
-        "yes" if train["fits"] else "**no**", gb(train["argument_bytes"]), gb(train["temp_bytes"]),
-        f"{gb(train['total_bytes'])} / {hbm / 2**30:.0f} GiB",
+        "yes" if train["fits"] else "**no**", gib(train["argument_bytes"]),
+        gib(train["temp_bytes"]),
+        f"{gib(train['total_bytes'])} / {hbm / 2**30:.0f}",
         f"{flops_image / 1e12:.3f}", f"{train['compile_s']:.0f}",
-        gb(ev.get("total_bytes")), "-" if ev.get("compile_s") is None else f"{ev['compile_s']:.0f}",
+        gib(ev.get("total_bytes")),
+        "-" if ev.get("compile_s") is None else f"{ev['compile_s']:.0f}",
         "-" if r.get("max_global_batch") is None else str(r["max_global_batch"]), "",
     ]).strip()
 
 
 HEADER = (
-    "| row | config | topology | chips / hosts | global batch | train fits | arguments GB/chip "
-    "| temporaries GB/chip | train total GB/chip / HBM | TFLOP per image (train) | train "
-    "compile s | eval total GB/chip | eval compile s | max global batch |\n"
+    "| row | config | topology | chips / hosts | global batch | train fits | arguments GiB/chip "
+    "| temporaries GiB/chip | train total / HBM GiB/chip | TFLOP per image (train) | train "
+    "compile s | eval total GiB/chip | eval compile s | max global batch |\n"
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
