@@ -22,6 +22,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from hemnet_jax import accelerators
+
+# Every benchmark imports this module before JAX picks its backends: on a host without a TPU
+# (or GPU), an installed libtpu is kept out of JAX's backend search (hemnet_jax/accelerators.py).
+accelerators.keep_tpu_plugin_off_without_tpu()
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # git-ignored
 
 

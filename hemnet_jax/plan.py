@@ -36,6 +36,7 @@ from hemnet_jax.training.state import abstract_state, optimizer_for
 from hemnet_jax.training.train_step import make_train_step
 
 GIB = 2**30
+MAX_PER_CHIP_BATCH = 4096  # --max_batch stops doubling here
 # Forward-pass reductions that must span the whole slice in a training step: every BatchNorm's
 # batch statistics and the HEM unit's batch mean of its final bases (mu0's moving average).
 BATCH_STAT_OPS = {
@@ -46,6 +47,10 @@ BATCH_STAT_OPS = {
 
 class DoesNotFitError(MemoryError, UserError):
     """The config's step needs more HBM per chip than the chip has."""
+
+
+class BadFlagError(ValueError, UserError):
+    """A flag of this program with a value it cannot use."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +101,9 @@ class Planner:
     """Compiles `config`'s steps for a mesh of compile-only devices of `topology`."""
 
     def __init__(self, config: ml_collections.ConfigDict, topology: tpu_topology.Topology,
-                 devices: list[jax.Device]):
+                 devices: list[jax.Device], hbm_bytes: int | None = None):
         self.config, self.topology = config, topology
+        self.hbm_bytes = topology.hbm_bytes_per_chip if hbm_bytes is None else hbm_bytes
         self.mesh = sharding.create_mesh(devices)
         self.num_classes = datasets.get_dataset_info(config.data.name).num_classes
         self.model = create_model(config.model, self.num_classes)
@@ -123,7 +129,7 @@ class Planner:
             key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(self.mesh))
             step = make_train_step(self.model, self.tx, self.schedule, self.config, self.mesh)
             self._train[global_batch] = compile_step(
-                step, (self.state, batch, key), hbm_bytes=self.topology.hbm_bytes_per_chip,
+                step, (self.state, batch, key), hbm_bytes=self.hbm_bytes,
                 global_batch=global_batch, per_chip_batch=global_batch // self.chips)
         return self._train[global_batch]
 
@@ -154,7 +160,7 @@ class Planner:
         variables = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
             self.state.variables)
-        return compile_step(step, (variables, batch), hbm_bytes=self.topology.hbm_bytes_per_chip,
+        return compile_step(step, (variables, batch), hbm_bytes=self.hbm_bytes,
                             global_batch=batch_size,
                             per_chip_batch=batch_size // mesh.devices.size)
 
@@ -186,6 +192,8 @@ class Planner:
         bad = min((b // self.chips for b, ok in known.items() if not ok), default=None)
         while bad is None:  # double until it does not fit
             probe = max(1, 2 * good)
+            if probe > MAX_PER_CHIP_BATCH:
+                return good * self.chips, compiles
             if fits(probe):
                 good = probe
             else:
@@ -250,7 +258,7 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan | 
     lines = [
         f"{extra['config']} on {result['topology']} ({extra['device_kind']}): "
         f"{result['chips']} chips, {result['hosts']} host{'s' * (result['hosts'] > 1)}, "
-        f"{_gib(hbm)} HBM per chip.",
+        f"{_gib(hbm)} HBM per chip{extra['hbm_note']}.",
         ("Figures of the TPU compiler (libtpu's buffer assignment, cost analysis and optimised "
          "HLO), per chip; not measurements." if not extra.get("gpu") else
          "Figures of XLA's GPU compiler (JAX's CUDA plugin, no GPU: no autotuning, no Triton "
@@ -313,10 +321,11 @@ def parse_any_topology(name: str) -> tpu_topology.Topology | gpu_topology.GpuTop
 
 
 def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bool = False,
-         train_only: bool = False, log: Callable[[str], None] = lambda s: None,
-         ) -> tuple[dict[str, Any], str]:
-    """(the JSON result, the text report) of `config` on `topology_name`; train_only: no eval
-    step (its JSON entry is null).
+         hbm_gib: float | None = None, train_only: bool = False,
+         log: Callable[[str], None] = lambda s: None) -> tuple[dict[str, Any], str]:
+    """(the JSON result, the text report) of `config` on `topology_name`; `hbm_gib`: plan
+    against this much HBM per chip instead of the chip's; train_only: no eval step (its JSON
+    entry is null).
 
     Raises:
       tpu_topology.UnknownTopologyError, tpu_topology.LibtpuMissingError,
@@ -325,13 +334,16 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
       compile.
     """
     topology = parse_any_topology(topology_name)
+    if hbm_gib is not None and not hbm_gib > 0:
+        raise BadFlagError(f"--hbm_gib={hbm_gib}: pass a positive number of GiB per chip.")
+    hbm = topology.hbm_bytes_per_chip if hbm_gib is None else round(hbm_gib * GIB)
     config_check.check(config, datasets=datasets.registry(), num_devices=topology.chips)
     if isinstance(topology, gpu_topology.GpuTopology):
         devices = gpu_topology.compile_only_devices(topology)
     else:
         tpu_topology.require_libtpu()
         devices = tpu_topology.compile_only_devices(topology)
-    planner = Planner(config, topology, devices)
+    planner = Planner(config, topology, devices, hbm)
     log(f"Compiling the train step for {topology.name}...")
     train = planner.train(config.train.batch_size)
     evaluation = None
@@ -345,7 +357,7 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
     result = {
         "topology": topology.name, "chips": topology.chips, "hosts": topology.hosts,
         "global_batch": train.global_batch, "per_chip_batch": train.per_chip_batch,
-        "hbm_bytes_per_chip": topology.hbm_bytes_per_chip,
+        "hbm_bytes_per_chip": hbm,
         "train": train.json(), "eval": evaluation and evaluation.json(),
         "max_global_batch": max_global,
     }
@@ -358,6 +370,8 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
         "dense_eval": planner.dense_flops_per_image(canvas),
         "chips_per_host": topology.chips // topology.hosts,
         "gpu": isinstance(topology, gpu_topology.GpuTopology),
+        "hbm_note": "" if hbm_gib is None else (
+            f" (--hbm_gib; the chip has {_gib(topology.hbm_bytes_per_chip)})"),
     }
     result["train"]["dense_flops_per_image"] = extra["dense_train"]
     if evaluation is not None:
@@ -411,7 +425,8 @@ def main(argv: list[str]) -> None:
         raise tpu_topology.UnknownTopologyError(
             f"Pass --topology, one of {', '.join(tpu_topology.KNOWN_TOPOLOGIES)}.")
     parse_any_topology(f.topology)  # before anything else: one FATAL line
-    result, text = plan(f.config, f.topology, max_batch=f.max_batch, train_only=f.train_only,
+    result, text = plan(f.config, f.topology, max_batch=f.max_batch, hbm_gib=f.hbm_gib,
+                        train_only=f.train_only,
                         log=lambda s: print(s, file=sys.stderr, flush=True))
     print(text, flush=True)
     if f.json:
@@ -430,6 +445,8 @@ def _define_flags() -> None:
     flags.DEFINE_bool("max_batch", False, "Also find the largest global batch whose train step "
                       "fits, by bisection over compiles.")
     flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+    flags.DEFINE_float("hbm_gib", None, "Plan against this much HBM per chip (GiB) instead "
+                       "of the chip's, e.g. to keep a margin for the TPU runtime.")
     flags.DEFINE_bool("train_only", False, "Compile the train step only (sweeps over training "
                       "settings: half the compile time).")
 
