@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "voc_v5e8": ("configs/voc.py", "v5e:2x4", ()),
     "emanet_v5e8": ("configs/voc.py:emanet", "v5e:2x4", ()),
-    "voc_h100x1": ("configs/voc.py", "h100:1", ()),
     "r50_os16_v5e8": ("configs/voc.py:r50_os16", "v5e:2x4", ()),
+    "voc_h100x1": ("configs/voc.py", "h100:1", ()),
     "voc_v5e4": ("configs/voc.py", "v5e:2x2", ("--train_only",)),  # 4 images per chip
     "context_v5e8": ("configs/context.py", "v5e:2x4", ()),
     "cocostuff_v5e8": ("configs/cocostuff.py", "v5e:2x4", ()),
