@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = json.loads(Path(args.input_pipeline).read_text())["results"]
             per_core = next(r["examples_per_s_per_core"] for r in rows if r["threads"] == 1)
             print(f"\ntf.data, one thread: {per_core} examples/s per core ({args.input_pipeline})")
-        print(f"\nEstimates at an assumed MFU of {args.mfu:.0%}:")
+        print(f"\nEstimates at an assumed MFU of {args.mfu:.0%}:\n")
         print(host_feed(args.mfu, per_core))
 
 
