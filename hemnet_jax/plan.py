@@ -341,7 +341,6 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
     if isinstance(topology, gpu_topology.GpuTopology):
         devices = gpu_topology.compile_only_devices(topology)
     else:
-        tpu_topology.require_libtpu()
         devices = tpu_topology.compile_only_devices(topology)
     planner = Planner(config, topology, devices, hbm)
     log(f"Compiling the train step for {topology.name}...")
