@@ -119,14 +119,15 @@ def gib(value: float | None) -> str:
 def table_row(name: str, r: dict[str, Any]) -> str:
     train, ev = r["train"], r.get("eval") or {}
     hbm = r["hbm_bytes_per_chip"]
-    flops_image = train["flops_per_step"] * r["chips"] / r["global_batch"]
+    flops = train["flops_per_step"]  # None: the GPU compiler gives no cost analysis
+    flops_image = "-" if flops is None else f"{flops / r['per_chip_batch'] / 1e12:.3f}"
     return " | ".join([
         "", name, f"`{ROWS[name][0]}` {' '.join(ROWS[name][2])}".strip(), r["topology"],
         f"{r['chips']} / {r['hosts']}", f"{r['global_batch']} ({r['per_chip_batch']}/chip)",
         "yes" if train["fits"] else "**no**", gib(train["argument_bytes"]),
         gib(train["temp_bytes"]),
         f"{gib(train['total_bytes'])} / {hbm / 2**30:.0f}",
-        f"{flops_image / 1e12:.3f}", f"{train['compile_s']:.0f}",
+        flops_image, f"{train['compile_s']:.0f}",
         gib(ev.get("total_bytes")),
         "-" if ev.get("compile_s") is None else f"{ev['compile_s']:.0f}",
         "-" if r.get("max_global_batch") is None else str(r["max_global_batch"]), "",
@@ -139,6 +140,35 @@ HEADER = (
     "compile s | eval total GiB/chip | eval compile s | max global batch |\n"
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
+
+
+def sweep_table() -> str:
+    """HEM against EM by T and remat, from the sweep rows (T = 3 without remat on v5e-8: the
+    voc_v5e8 and emanet_v5e8 rows): temporaries and total per chip, FLOPs per image."""
+    lines = ["| compiler | T | remat | HEM temporaries GiB | EM temporaries GiB | HEM total GiB "
+             "| EM total GiB | HEM TFLOP/image | EM TFLOP/image |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base = {("v5e8", 3, False): ("voc_v5e8", "emanet_v5e8")}
+    for where in ("h100x1", "v5e8"):
+        for remat in (False, True):
+            for t in (3, 6, 12):
+                suffix = f"_t{t}{'_remat' if remat else ''}_{where}"
+                names = base.get((where, t, remat), (f"hem{suffix}", f"em{suffix}"))
+                paths = [PLANS_DIR / f"{n}.json" for n in names]
+                if not all(p.exists() for p in paths):
+                    continue
+                hem, em = (json.loads(p.read_text()) for p in paths)
+
+                def per_image(r: dict[str, Any]) -> str:
+                    flops = r["train"]["flops_per_step"]
+                    return "-" if flops is None else f"{flops / r['per_chip_batch'] / 1e12:.3f}"
+
+                lines.append(" | ".join([
+                    "", ROWS[names[0]][1] if names[0] in ROWS else where, str(t),
+                    "yes" if remat else "no", gib(hem["train"]["temp_bytes"]),
+                    gib(em["train"]["temp_bytes"]), gib(hem["train"]["total_bytes"]),
+                    gib(em["train"]["total_bytes"]), per_image(hem), per_image(em), ""]).strip())
+    return "\n".join(lines)
 
 
 def render() -> str:
@@ -192,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.run:
         run([n for n in args.rows.split(",") if n])
     print(render())
+    print("\nHEM against EM (configs/voc.py and its :emanet variant), train step:\n")
+    print(sweep_table())
     if args.mfu:
         per_core = None
         if args.input_pipeline:
