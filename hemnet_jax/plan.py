@@ -26,7 +26,7 @@ import ml_collections
 from absl import flags
 from jax.sharding import Mesh
 
-from hemnet_jax import cli, compiled_hlo, config_check, tpu_topology
+from hemnet_jax import cli, compiled_hlo, config_check, gpu_topology, tpu_topology
 from hemnet_jax.data import datasets
 from hemnet_jax.errors import UserError
 from hemnet_jax.evaluation import predictors
@@ -62,7 +62,7 @@ class StepPlan:
     output_bytes: int
     temp_bytes: int
     total_bytes: int  # arguments + outputs + temporaries - aliased (donated) buffers
-    flops_per_step: float
+    flops_per_step: float | None  # None: the compiler gave no cost analysis
     compile_s: float
     fits: bool
     global_batch: int
@@ -85,6 +85,8 @@ def compile_step(jitted: Any, args: tuple, *, hbm_bytes: int, global_batch: int,
     compiled = jitted.lower(*args).compile()
     seconds = time.perf_counter() - start
     flops, total = report.compiled_cost(compiled)
+    if not compiled.cost_analysis():  # the GPU compiler without a device gives none
+        flops = None
     mem = compiled.memory_analysis()
     text = compiled.as_text()
     return StepPlan(
@@ -245,18 +247,25 @@ def _flops(n: float) -> str:
     return f"{n:,.0f} "
 
 
-def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan,
+def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan | None,
                 extra: dict[str, Any]) -> str:
-    """The plan as text: slice, memory per chip, FLOPs, collectives, checks, compile times."""
+    """The plan as text: slice, memory per chip, FLOPs, collectives, checks, compile times
+    (evaluation None: --train_only)."""
     hbm = result["hbm_bytes_per_chip"]
+    steps = [("train", train, extra["dense_train"])]
+    if evaluation is not None:
+        steps.append(("eval", evaluation, extra["dense_eval"]))
     lines = [
         f"{extra['config']} on {result['topology']} ({extra['device_kind']}): "
         f"{result['chips']} chips, {result['hosts']} host{'s' * (result['hosts'] > 1)}, "
         f"{_gib(hbm)} HBM per chip{extra['hbm_note']}.",
-        "Figures of the TPU compiler (libtpu's buffer assignment, cost analysis and optimised "
-        "HLO), per chip; not measurements.",
+        ("Figures of the TPU compiler (libtpu's buffer assignment, cost analysis and optimised "
+         "HLO), per chip; not measurements." if not extra.get("gpu") else
+         "Figures of XLA's GPU compiler (JAX's CUDA plugin, no GPU: no autotuning, no Triton "
+         "GEMMs, no cost analysis), per GPU; not measurements."),
         f"train step: global batch {train.global_batch}, {train.per_chip_batch} per chip, "
         f"crop {extra['crop']}x{extra['crop']}.",
+        "eval step:  not compiled (--train_only)." if evaluation is None else
         f"eval step:  global batch {evaluation.global_batch}, {evaluation.per_chip_batch} per "
         f"chip, canvas {extra['canvas']}x{extra['canvas']} ({extra['padding']} padding, "
         f"{extra['eval_mode']}).",
@@ -264,20 +273,23 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan,
         f"{'HBM per chip':<12}" + "".join(f"{h:>13}" for h in (
             "arguments", "outputs", "temporaries", "total", "headroom", "fits")),
     ]
-    for name, p in (("train step", train), ("eval step", evaluation)):
-        lines.append(f"{name:<12}" + "".join(f"{c:>13}" for c in (
+    for name, p, _ in steps:
+        lines.append(f"{name + ' step':<12}" + "".join(f"{c:>13}" for c in (
             _gib(p.argument_bytes), _gib(p.output_bytes), _gib(p.temp_bytes),
             _gib(p.total_bytes), _gib(hbm - p.total_bytes), "yes" if p.fits else "NO")))
     lines += ["(total = arguments + outputs + temporaries - donated buffers reused as outputs)", ""]
-    dense = extra["dense_train"]
-    for name, p, d in (("train", train, dense), ("eval", evaluation, extra["dense_eval"])):
+    for name, p, d in steps:
+        if p.flops_per_step is None:
+            lines.append(f"FLOPs, {name} step: not given by this compiler; models.report's "
+                         f"dense conv count of one forward at that size: {_flops(d)}FLOPs.")
+            continue
         per_image = p.flops_per_step / max(p.per_chip_batch, 1)
         lines.append(
             f"FLOPs, {name} step: {_flops(p.flops_per_step)}FLOPs per chip per step, "
             f"{_flops(per_image)}FLOPs per image; models.report's dense conv count of one "
             f"forward at that size: {_flops(d)}FLOPs ({per_image / d:.2f}x).")
     lines.append("")
-    for name, p in (("train", train), ("eval", evaluation)):
+    for name, p, _ in steps:
         parts = [f"{k} {v.count} ({_gib(v.bytes)})" for k, v in p.collectives.items()]
         lines.append(f"Collectives per {name} step, per chip: {', '.join(parts) or 'none'}.")
     if "process_shares" in extra:
@@ -289,8 +301,8 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan,
     for name, (found, reduced) in extra.get("reductions", {}).items():
         lines.append(f"{name}: {reduced} of {found} forward reductions all-reduced over the "
                      f"{result['chips']} chips{'' if reduced == found and found else ' (CHECK)'}.")
-    lines.append(f"Compile time on this machine: train {train.compile_s:.1f} s, eval "
-                 f"{evaluation.compile_s:.1f} s.")
+    lines.append("Compile time on this machine: " + ", ".join(
+        f"{name} {p.compile_s:.1f} s" for name, p, _ in steps) + ".")
     if result["max_global_batch"] is not None:
         lines.append(f"Largest global batch whose train step fits: {result['max_global_batch']} "
                      f"({result['max_global_batch'] // result['chips']} per chip).")
@@ -301,28 +313,42 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan,
 # The program.
 
 
+def parse_any_topology(name: str) -> tpu_topology.Topology | gpu_topology.GpuTopology:
+    """A Cloud TPU slice ("v5e:2x4") or a GPU host ("h100:8", gpu_topology)."""
+    if gpu_topology.is_gpu_topology(name):
+        return gpu_topology.parse_gpu_topology(name)
+    return tpu_topology.parse_topology(name)
+
+
 def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bool = False,
-         hbm_gib: float | None = None,
+         hbm_gib: float | None = None, train_only: bool = False,
          log: Callable[[str], None] = lambda s: None) -> tuple[dict[str, Any], str]:
     """(the JSON result, the text report) of `config` on `topology_name`; `hbm_gib`: plan
-    against this much HBM per chip instead of the chip's.
+    against this much HBM per chip instead of the chip's; train_only: no eval step (its JSON
+    entry is null).
 
     Raises:
       tpu_topology.UnknownTopologyError, tpu_topology.LibtpuMissingError,
+      gpu_topology.UnknownGpuTopologyError, gpu_topology.CudaPluginMissingError,
       config_check.ConfigError (e.g. a batch that does not divide over the chips): before any
       compile.
     """
-    topology = tpu_topology.parse_topology(topology_name)
+    topology = parse_any_topology(topology_name)
     if hbm_gib is not None and not hbm_gib > 0:
         raise BadFlagError(f"--hbm_gib={hbm_gib}: pass a positive number of GiB per chip.")
     hbm = topology.hbm_bytes_per_chip if hbm_gib is None else round(hbm_gib * GIB)
     config_check.check(config, datasets=datasets.registry(), num_devices=topology.chips)
-    devices = tpu_topology.compile_only_devices(topology)
+    if isinstance(topology, gpu_topology.GpuTopology):
+        devices = gpu_topology.compile_only_devices(topology)
+    else:
+        devices = tpu_topology.compile_only_devices(topology)
     planner = Planner(config, topology, devices, hbm)
     log(f"Compiling the train step for {topology.name}...")
     train = planner.train(config.train.batch_size)
-    log("Compiling the eval step...")
-    evaluation = planner.eval()
+    evaluation = None
+    if not train_only:
+        log("Compiling the eval step...")
+        evaluation = planner.eval()
     max_global = None
     if max_batch:
         log("Searching the largest global batch that fits (one compile per probe)...")
@@ -331,7 +357,8 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
         "topology": topology.name, "chips": topology.chips, "hosts": topology.hosts,
         "global_batch": train.global_batch, "per_chip_batch": train.per_chip_batch,
         "hbm_bytes_per_chip": hbm,
-        "train": train.json(), "eval": evaluation.json(), "max_global_batch": max_global,
+        "train": train.json(), "eval": evaluation and evaluation.json(),
+        "max_global_batch": max_global,
     }
     _, _, canvas = planner.eval_canvas()
     extra = {
@@ -341,11 +368,13 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
         "dense_train": planner.dense_flops_per_image(config.data.crop_size),
         "dense_eval": planner.dense_flops_per_image(canvas),
         "chips_per_host": topology.chips // topology.hosts,
+        "gpu": isinstance(topology, gpu_topology.GpuTopology),
         "hbm_note": "" if hbm_gib is None else (
             f" (--hbm_gib; the chip has {_gib(topology.hbm_bytes_per_chip)})"),
     }
     result["train"]["dense_flops_per_image"] = extra["dense_train"]
-    result["eval"]["dense_flops_per_image"] = extra["dense_eval"]
+    if evaluation is not None:
+        result["eval"]["dense_flops_per_image"] = extra["dense_eval"]
     shares = process_shares(planner.mesh, train.global_batch)
     expected = train.per_chip_batch * extra["chips_per_host"]
     result["input"] = {
@@ -380,7 +409,7 @@ def fit_error(result: dict[str, Any], config: ml_collections.ConfigDict) -> str 
                "data.crop_size")
         return (f"train.batch_size={train['global_batch']} does not fit {where}: the train step "
                 f"needs {_gib(train['total_bytes'])} per chip, {over} more; {fix}.")
-    if not evaluation["fits"]:
+    if evaluation and not evaluation["fits"]:
         over = _gib(evaluation["total_bytes"] - hbm)
         key = ("eval.batch_size" if config.eval.padding == "fixed" else "data.eval_pad_size")
         return (f"The eval step does not fit {where}: it needs {_gib(evaluation['total_bytes'])} "
@@ -394,8 +423,9 @@ def main(argv: list[str]) -> None:
     if not f.topology:
         raise tpu_topology.UnknownTopologyError(
             f"Pass --topology, one of {', '.join(tpu_topology.KNOWN_TOPOLOGIES)}.")
-    tpu_topology.parse_topology(f.topology)  # before anything else: one FATAL line
+    parse_any_topology(f.topology)  # before anything else: one FATAL line
     result, text = plan(f.config, f.topology, max_batch=f.max_batch, hbm_gib=f.hbm_gib,
+                        train_only=f.train_only,
                         log=lambda s: print(s, file=sys.stderr, flush=True))
     print(text, flush=True)
     if f.json:
@@ -416,6 +446,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
     flags.DEFINE_float("hbm_gib", None, "Plan against this much HBM per chip (GiB) instead "
                        "of the chip's, e.g. to keep a margin for the TPU runtime.")
+    flags.DEFINE_bool("train_only", False, "Compile the train step only (sweeps over training "
+                      "settings: half the compile time).")
 
 
 if __name__ == "__main__":

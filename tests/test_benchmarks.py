@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import accelerator_check  # noqa: E402
 import hem_unit  # noqa: E402
 import torch_reference  # noqa: E402
 import train_step  # noqa: E402
@@ -56,6 +57,29 @@ def test_train_step_benchmark_writes_json(tmp_path):
     assert row["torch_images_per_s"] > 0 and np.isfinite(row["torch_loss"])
     assert row["speedup"] == pytest.approx(
         row["images_per_s"] / row["devices"] / row["torch_images_per_s"])
+
+
+@pytest.mark.heavy(seconds=45)
+def test_accelerator_check_tiny(tmp_path):
+    """The accelerator check's one JSON: the train step with MFU, memory and PyTorch beside it,
+    and the HEM core against float64, where bfloat16 features cost orders of magnitude more
+    error than float32 (on this CPU both float32 settings are exact float32 matmuls)."""
+    path = tmp_path / "check.json"
+    accelerator_check.main(["--tiny", "--peak_tflops", "1", "--json", str(path)])
+    result = json.loads(path.read_text())
+    step = result["train_step"]
+    assert step["backbone"] == "resnet_tiny" and 0 < step["mfu"] < 1
+    assert step["compiled_peak_gib"] > 0 and step["torch_images_per_s"] > 0
+    assert step["speedup"] == pytest.approx(
+        step["images_per_s"] / step["devices"] / step["torch_images_per_s"])
+    rows = {(r["variant"], r["setting"]): r for r in result["hem_core_precision"]}
+    assert set(rows) == {(v, s) for v in ("hem", "em")
+                         for s in ("float32", "float32_highest", "bfloat16")}
+    for variant in ("hem", "em"):
+        f32, bf16 = rows[variant, "float32"], rows[variant, "bfloat16"]
+        assert 0 < f32["out_rel_err"] < 1e-5 and 1e-4 < bf16["out_rel_err"] < 1e-2
+    assert rows["hem", "bfloat16"]["grad_rel_err"] > 100 * rows["hem", "float32"]["grad_rel_err"]
+    assert "grad_rel_err" not in rows["em", "float32"]  # EM's loop is gradient-free
 
 
 def test_train_step_benchmark_without_torch(tmp_path, monkeypatch, capsys):

@@ -34,7 +34,7 @@ GROUP_RANKS = {
     "hemnet_jax.config_check": 0,
     "hemnet_jax.hem": 0, "hemnet_jax.hem_diagnostics": 0, "hemnet_jax.config": 0,
     "hemnet_jax.cli": 0, "hemnet_jax._compat": 0, "hemnet_jax.storage": -0.5,
-    "hemnet_jax.tpu_topology": 0, "hemnet_jax.compiled_hlo": 0,
+    "hemnet_jax.tpu_topology": 0, "hemnet_jax.gpu_topology": 0, "hemnet_jax.compiled_hlo": 0,
     "hemnet_jax.models": 1, "hemnet_jax.data": 1,
     "hemnet_jax": 1.5,  # the package face: hem and HEMUnit
     "hemnet_jax.training": 2,

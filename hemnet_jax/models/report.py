@@ -66,7 +66,7 @@ def compiled_cost(compiled: jax.stages.Compiled) -> tuple[float, int]:
     `peak_memory_in_bytes`: on the CPU backend (jax 0.10.2) that is arguments + outputs only,
     whatever the temporaries (e.g. the same for T = 1 and T = 16 HEM iterations).
     """
-    analysis = compiled.cost_analysis()
+    analysis = compiled.cost_analysis() or {}  # None: a compiler without cost analysis
     if isinstance(analysis, list | tuple):  # older JAX: one dict per computation
         analysis = analysis[0]
     mem = compiled.memory_analysis()
