@@ -251,5 +251,7 @@ def test_sigterm_during_final_validation_keeps_the_final_checkpoint(tiny_data_di
         time.sleep(0.02)
     run.proc.send_signal(signal.SIGTERM)  # while the final save is written, or validation runs
     assert run.finish(120) == 0, "".join(run.lines[-30:])
-    assert any("val_miou" in x for x in run.lines)
+    # The final validation ran to its end: its mIoU is in TensorBoard's log (the console shows
+    # only the step lines and the table since issue 21's quiet console).
+    assert 4 in read_scalars(str(tmp_path), "val_miou")
     assert Checkpointer(f"{tmp_path}/checkpoints", read_only=True).all_steps() == [4]
