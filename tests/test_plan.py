@@ -108,16 +108,21 @@ def test_single_host_plan_flops_and_does_not_fit(tmp_path):
     assert double["eval"]["flops_per_step"] == plan["eval"]["flops_per_step"]  # same eval batch
 
 
-@pytest.mark.heavy(seconds=45)
+@pytest.mark.heavy(seconds=30)
 def test_multi_host_plan_from_one_process(tmp_path):
     """v5e:4x4: 16 chips on 4 hosts compiled by this one process; each host's input pipeline
     feeds the rows its chips hold; BatchNorm statistics and the bases' batch mean are
-    all-reduced over all 16 chips."""
+    all-reduced over all 16 chips. With `--train_only`: the train step alone is compiled."""
     path = tmp_path / "plan.json"
     result = _plan("--topology", "v5e:4x4", "--config.train.batch_size=32",
-                   "--config.eval.batch_size=16", json_path=path)
+                   "--config.eval.batch_size=16", "--train_only", json_path=path)
     _ok(result)
     plan = json.loads(path.read_text())
+    assert plan["eval"] is None and plan["train"]["fits"]
+    assert plan["train"]["flops_per_step"] > 0 and plan["train"]["temp_bytes"] > 0
+    assert "eval step:  not compiled (--train_only)." in result.stdout
+    assert "Compile time on this machine: train " in result.stdout
+    assert ", eval" not in result.stdout
     assert (plan["chips"], plan["hosts"], plan["per_chip_batch"]) == (16, 4, 2)
     assert plan["input"] == {"per_process_batch": [8, 8, 8, 8], "matches_sharding": True}
     reductions = plan["train"]["slice_reductions"]

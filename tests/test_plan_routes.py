@@ -1,12 +1,11 @@
-"""`python -m hemnet_jax.plan`'s `--train_only` and the GPU route (`--topology h100:N`), through
-the real CLI.
+"""`python -m hemnet_jax.plan`'s GPU route (`--topology h100:N`), through the real CLI
+(`--train_only`: tests/test_plan.py's multi-host plan).
 
 Compiling for an H100 needs JAX's CUDA plugin (jax-cuda12-plugin, 478 MB), which the test
 environment does not install; benchmarks/README.md has the compiles made with it.
 """
 
 import importlib.util
-import json
 import sys
 
 import pytest
@@ -34,15 +33,3 @@ def test_gpu_hosts_parse():
     assert (t.name, t.chips, t.hosts) == ("h100:8", 8, 1)
     assert t.hbm_bytes_per_chip == gpu_topology.H100_MEMORY_BYTES
     assert gpu_topology.is_gpu_topology("h100:4") and not gpu_topology.is_gpu_topology("v5e:2x4")
-
-
-@pytest.mark.heavy(seconds=30)
-def test_train_only_compiles_the_train_step_alone(tmp_path):
-    out = tmp_path / "plan.json"
-    done = _run([*PLAN, "--topology", "v5e:2x2", "--train_only", "--json", str(out)], _env())
-    assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(out.read_text())
-    assert result["eval"] is None and result["train"]["fits"]
-    assert result["train"]["flops_per_step"] > 0 and result["train"]["temp_bytes"] > 0
-    assert "eval step:  not compiled (--train_only)." in done.stdout
-    assert "Compile time on this machine: train " in done.stdout and ", eval" not in done.stdout
