@@ -207,8 +207,10 @@ class _Loop:
             if step == first + 1:  # compiled and run: the console's steps/s count from here
                 jax.block_until_ready(step_metrics)
                 self.progress.start(step)
-            # A background save that failed stops the run here, one step after it ended.
-            self.ckpt.check_saved()
+            # A background save that failed stops the run here: one step after it ended, or, with
+            # several processes, at a log step (or the next save), where they agree on it.
+            if jax.process_count() == 1 or step % t.log_every == 0:
+                self.ckpt.check_saved()
             # Dispatched, not waited for: the host syncs only where it logs or saves.
             finite &= jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["param_norm"])
             window.append(step_metrics)
