@@ -93,7 +93,8 @@ def train_and_evaluate(
     Raises:
       WorkdirLockedError: another live run trains in `workdir` (checked before any work).
       checkpointing.NoVerifiedCheckpointError: checkpoints exist but none verifies.
-      checkpointing.CheckpointSaveError: a save failed (reported at the next step).
+      checkpointing.CheckpointSaveError: a save failed (reported at the next step; with several
+        processes, on every process at the next log or save step).
       FloatingPointError: the loss or the parameters became NaN or Inf.
     """
     if not lock:
