@@ -7,9 +7,9 @@ others would wait out orbax's timeout (20 minutes). `SaveBarrier` is such a barr
 JAX coordination service's key-value store (the service `jax.distributed` starts; no XLA
 collective, so it is safe in threads), and it
 
-  - records a failure: a thread of this process that reaches a barrier while an exception is
-    propagating (orbax's save-finalize thread syncs in a `finally` after the save failed) has
-    failed, and will not meet the other processes where they wait;
+  - records a failure: a background thread of this process that reaches a barrier while an
+    exception is propagating (orbax's save-finalize thread syncs in a `finally` after the save
+    failed) has failed, and will not meet the other processes where they wait;
   - ends every wait, now and later, with `SaveAborted` once `abort()` is called (the processes
     call it together, once they have agreed that a save failed).
 """
@@ -50,8 +50,9 @@ class SaveBarrier:
         self.failure: BaseException | None = None  # what failed in a save of this process
 
     def __call__(self, *, key: str, timeout_ms: int) -> None:
-        failing = sys.exc_info()[1]
-        if failing is not None and not isinstance(failing, SaveAborted) and self.failure is None:
+        failing = sys.exc_info()[1]  # (the main thread's barriers may run in a caller's except)
+        if (failing is not None and not isinstance(failing, SaveAborted) and self.failure is None
+                and threading.current_thread() is not threading.main_thread()):
             self.failure = failing
         with _uses_lock:
             name = f"hemnet_jax/save_barrier/{key}/{_uses[key]}"
