@@ -67,6 +67,9 @@ def main(argv):
             # orderly shutdown closes their event loop under them and each prints a traceback.
             # Everything of value is on disk (logs flushed, earlier checkpoints intact).
             print(f"FATAL: {e}", file=sys.stderr, flush=True)
+            # Every process stops here together; the coordinator (process 0) must not go while
+            # others still use it (they would abort): leave the distributed system together.
+            jax.distributed.shutdown()
             os._exit(1)
 
 

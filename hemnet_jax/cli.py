@@ -141,8 +141,15 @@ class ConsoleFilter(std_logging.Filter):
         path = record.pathname
         if "/hemnet_jax/" in path or path == os.path.abspath(sys.argv[0]):
             return True
-        if "/orbax/" in path:  # its error lines stay; their tracebacks go (a failed save is
-            record.exc_info, record.exc_text = None, None  # reported in one FATAL line)
+        if "/orbax/" in path:
+            # Its error lines stay, their tracebacks go (a failed save is reported in one FATAL
+            # line); its errors of waits ended because a save failed on another process go too
+            # (training/save_barrier.py). Decided once per record: every handler filters it.
+            if record.exc_info:
+                record.save_aborted = type(record.exc_info[1]).__name__ == "SaveAborted"
+                record.exc_info, record.exc_text = None, None
+            if getattr(record, "save_aborted", False):
+                return False
         if record.levelno >= std_logging.WARNING:
             return not any(text in str(record.msg) for text in HARMLESS_WARNINGS)
         return "/clu/" in path and not str(record.msg).startswith("[Hyperparameters]")

@@ -93,7 +93,8 @@ def train_and_evaluate(
     Raises:
       WorkdirLockedError: another live run trains in `workdir` (checked before any work).
       checkpointing.NoVerifiedCheckpointError: checkpoints exist but none verifies.
-      checkpointing.CheckpointSaveError: a save failed (reported at the next step).
+      checkpointing.CheckpointSaveError: a save failed (reported at the next step; with several
+        processes, on every process at the next log or save step).
       FloatingPointError: the loss or the parameters became NaN or Inf.
     """
     if not lock:
@@ -207,8 +208,10 @@ class _Loop:
             if step == first + 1:  # compiled and run: the console's steps/s count from here
                 jax.block_until_ready(step_metrics)
                 self.progress.start(step)
-            # A background save that failed stops the run here, one step after it ended.
-            self.ckpt.check_saved()
+            # A background save that failed stops the run here: one step after it ended, or, with
+            # several processes, at a log step (or the next save), where they agree on it.
+            if jax.process_count() == 1 or step % t.log_every == 0:
+                self.ckpt.check_saved()
             # Dispatched, not waited for: the host syncs only where it logs or saves.
             finite &= jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["param_norm"])
             window.append(step_metrics)

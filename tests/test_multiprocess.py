@@ -11,9 +11,9 @@ past its damaged last step with a notice before the restore. That run's workdir 
 Storage server (the `gcs` fixture): the pod case, hosts that share nothing but the bucket, which
 covers issue 24's two-process preemption with a gs:// workdir in the same launches.
 
-A save that fails on one process only is not tested here: with orbax
-0.12.8 the other process learns of it only when orbax's barrier times out (AsyncOptions,
-600 s); see docs/operations.md.
+A save that fails on one process only (a full disk, tests/enospc_train.py) stops both processes
+at the same step, each with one FATAL line naming the step to resume from, long before orbax's
+barrier timeout (docs/operations.md): one more launch of two processes.
 """
 
 import re
@@ -38,6 +38,9 @@ from tests.tiny import tiny_config
 
 NUM_STEPS = 16
 EXIT_BOUND_S = 180  # from a SIGTERM in the loop to both exits; includes compiling the digest
+# From the launch to both exits after a failed save (measured: 56-73 s on a loaded 2-core host):
+# far below orbax's barrier timeout (1200 s, AsyncOptions), which held both processes before.
+SAVE_FAILURE_BOUND_S = 240
 
 
 class _Run:
@@ -81,19 +84,20 @@ class _Run:
         return rc
 
 
-def _two_processes(workdir, data_dir, *extra, env=None):
+def _two_processes(workdir, data_dir, *extra, env=None, wrapper=()):
     """Process i of two (2 CPU devices each), NUM_STEPS steps without dropout, a log line per
     step, checkpoints only at the end unless `extra` says otherwise; `env`: the processes'
-    environment (default: the test session's for 2 devices)."""
+    environment (default: the test session's for 2 devices); `wrapper`: a script (and its
+    arguments) that runs train.py, as tests/enospc_train.py does."""
     port = _free_port()
     runs = []
     for i in range(2):
-        cmd = _train_cmd(workdir, data_dir, f"--config.train.num_steps={NUM_STEPS}",
+        python, *args = _train_cmd(workdir, data_dir, f"--config.train.num_steps={NUM_STEPS}",
                          "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
                          "--config.model.dropout=0.0",
                          *extra, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                          f"--process_id={i}")
-        runs.append(_Run(cmd, env or _subprocess_env(2)))
+        runs.append(_Run([python, *wrapper, *args], env or _subprocess_env(2)))
     return runs
 
 
@@ -101,7 +105,7 @@ def _output(runs) -> str:
     return "".join(f"--- process {i}\n" + "".join(r.lines[-40:]) for i, r in enumerate(runs))
 
 
-def _restore(workdir, step=None, config=None, num_devices=1):
+def _restore(workdir, step=None, config=None, num_devices=1, fallback=False):
     if config is None:
         config = tiny_config()
         config.model.dropout = 0.0  # as the runs were trained (checked against their metadata)
@@ -109,7 +113,7 @@ def _restore(workdir, step=None, config=None, num_devices=1):
     tx, _ = optimizer_for(config, model)
     mesh = sharding.create_mesh(jax.devices()[:num_devices])
     ckpt = Checkpointer(f"{workdir}/checkpoints", read_only=True)
-    state, _ = ckpt.restore(abstract_state(model, tx, mesh), config, step)
+    state, _ = ckpt.restore(abstract_state(model, tx, mesh), config, step, fallback=fallback)
     return jax.device_get(state)
 
 
@@ -236,6 +240,27 @@ def test_two_processes_agree_on_steps_stops_and_fallbacks(tiny_data_dir, tmp_pat
     resumed, straight = _restore(run), _restore(straight_run, fallback + 1)
     assert int(resumed.step) == int(straight.step) == fallback + 1
     assert _bitwise_equal(resumed, straight)
+
+
+@pytest.mark.heavy(seconds=70)
+def test_a_save_that_fails_on_one_process_stops_both(tiny_data_dir, tmp_path):
+    # Process 0 alone writes the checkpoint's `meta` item: its write of step 4's fails (ENOSPC).
+    t0 = time.time()
+    runs = _two_processes(tmp_path, tiny_data_dir, "--config.train.checkpoint_every=2",
+                          wrapper=(f"{REPO}/tests/enospc_train.py", "metadata", "4"))
+    assert [r.finish(SAVE_FAILURE_BOUND_S) for r in runs] == [1, 1], _output(runs)
+    print(f"both processes ended {time.time() - t0:.1f} s after their launch")
+    for r in runs:
+        fatal = [x for x in r.lines if x.startswith("FATAL:")]
+        assert len(fatal) == 1, _output(runs)
+        assert "step 4" in fatal[0] and "failed on process 0" in fatal[0], fatal
+        assert "resumes from step 2" in fatal[0], fatal
+        assert "Traceback" not in "".join(r.lines), _output(runs)
+        assert "Event loop is closed" not in "".join(r.lines), _output(runs)
+    assert "No space left on device" in "".join(runs[0].lines)
+    # Process 1's save went well: its console shows no error but the FATAL line.
+    assert not [x for x in runs[1].lines if x.startswith("E")], _output(runs)
+    assert int(_restore(tmp_path, fallback=True).step) == 2  # the last good one, verified
 
 
 @pytest.mark.heavy(seconds=25)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,7 @@ from hemnet_jax import storage
 from hemnet_jax.config_check import has_checkpoint  # noqa: F401  (part of this module's API)
 from hemnet_jax.errors import UserError
 from hemnet_jax.training import digest
+from hemnet_jax.training.save_barrier import SaveBarrier
 
 # Model keys that do not change what a checkpoint holds or means: a run may differ in them.
 RUNTIME_ONLY_MODEL_KEYS = frozenset({"pretrained", "dtype", "remat", "aux_loss_weight"})
@@ -111,6 +113,11 @@ class CheckpointMismatchError(ValueError, UserError):
 class NoVerifiedCheckpointError(RuntimeError, UserError):
     """No checkpoint step that was tried restores and matches its digest; the message (one line)
     lists each step tried and why it failed."""
+
+
+# The outcome of a pending save on one process (agreed between processes by `check_saved`).
+_SAVING, _SAVED, _SAVE_FAILED = 0, 1, 2
+SAVE_POLL_S = 0.1  # with several processes, a blocking check agrees this often while saves run
 
 
 class CheckpointSaveError(RuntimeError, UserError):
@@ -217,8 +224,12 @@ class Checkpointer:
     ):
         self.directory = resolve_path(directory)  # orbax needs absolute local paths
         self._read_only = read_only
-        self._pending: int | None = None  # the step of a save whose outcome is not checked yet
+        self._pending: int | None = None  # the step of a save whose outcome is not agreed yet
+        self._error: str | None = None  # why the pending save failed on this process
         self._failed = False  # a save failed: its writes may still be pending in orbax's loop
+        # Several processes: orbax's save threads meet at barriers that a failed save ends.
+        self._barrier = (SaveBarrier() if jax.process_count() > 1 and asynchronous
+                         and not read_only else None)
         _configure_array_writes()
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -228,6 +239,8 @@ class Checkpointer:
                 enable_async_checkpointing=asynchronous,
                 create=not read_only,
                 read_only=read_only,
+                async_options=(ocp.AsyncOptions(barrier_sync_fn=self._barrier)
+                               if self._barrier else None),
             ),
         )
 
@@ -258,22 +271,55 @@ class Checkpointer:
 
     def check_saved(self, *, block: bool = False) -> None:
         """Raises CheckpointSaveError if the last background save has failed; cheap when it is
-        still running (unless `block`) or was already checked."""
-        if self._pending is None or (not block and self._manager.is_saving_in_progress()):
-            return
-        step, self._pending = self._pending, None
+        still running (unless `block`) or was already checked.
+
+        With several processes every process calls this at the same steps: while a save is
+        pending, they agree on its outcome (an all-gather of one integer; while `block`, one
+        every SAVE_POLL_S), and all raise together, naming the same step to resume from, when
+        it failed on any of them.
+        """
+        while self._pending is not None:  # the same on every process
+            outcomes = _on_every_process(self._outcome_here(wait=block and not self._barrier))
+            if _SAVE_FAILED in outcomes:
+                self._stop([i for i, o in enumerate(outcomes) if o == _SAVE_FAILED])
+            if all(o == _SAVED for o in outcomes):
+                self._pending = None
+            elif not block:
+                return
+            else:
+                time.sleep(SAVE_POLL_S)
+
+    def _outcome_here(self, wait: bool) -> int:
+        """The pending save on this process: _SAVED, _SAVE_FAILED or (unless `wait`) _SAVING."""
+        if self._barrier and self._barrier.failure and self._error is None:
+            self._error = _one_line(self._barrier.failure)  # seen before orbax's threads end
+        if self._error is not None:
+            return _SAVE_FAILED
+        if not wait and self._manager.is_saving_in_progress():
+            return _SAVING
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001  (any failure of the save is reported the same)
-            self._failed = True
-            last_good = [s for s in self._manager.all_steps() if s != step]
-            raise CheckpointSaveError(
-                f"Saving the checkpoint of step {step} to {self.directory} failed: "
-                f"{_one_line(e)}. Free space or fix access there, then re-run the same command: "
-                "it resumes from "
-                + (f"step {max(last_good)}" if last_good else "the start (no checkpoint yet)")
-                + "."
-            ) from None
+            self._error = _one_line(e)
+            return _SAVE_FAILED
+        return _SAVED
+
+    def _stop(self, failed_on: list[int]) -> None:
+        """Raises CheckpointSaveError for the pending save, which failed on `failed_on`."""
+        step, self._pending, self._failed = self._pending, None, True
+        if self._barrier:  # the other processes' save threads wait for this one's: end them
+            self._barrier.abort()
+            with contextlib.suppress(Exception):
+                self._manager.wait_until_finished()
+        where = f" on process {', '.join(map(str, failed_on))}" if jax.process_count() > 1 else ""
+        cause = f": {self._error}" if self._error else ""
+        last_good = [s for s in self._manager.all_steps() if s != step]
+        raise CheckpointSaveError(
+            f"Saving the checkpoint of step {step} to {self.directory} failed{where}{cause}. "
+            "Free space or fix access there, then re-run the same command: it resumes from "
+            + (f"step {max(last_good)}" if last_good else "the start (no checkpoint yet)")
+            + "."
+        )
 
     def restore(
         self,
