@@ -37,6 +37,12 @@ def _flip(path: str, offset: int = 100, count: int = 64) -> None:
         f.write(bytes(b ^ 0xFF for b in data))
 
 
+def _flip_all(path: str) -> None:
+    """Every byte of a data file inverted: each array it holds, wherever in it, is damaged (a
+    file may begin with optimiser state that evaluation never reads)."""
+    _flip(path, 0, os.path.getsize(path))
+
+
 DAMAGES = {  # what is done to the latest step (3), and words of the warning it must give
     "truncated data file": (lambda d: open(_biggest_data_file(d), "r+b").truncate(500),
                             "cannot be read"),
@@ -125,7 +131,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_that_verifies(
     flipped = str(tmp_path / "flipped_everywhere")
     shutil.copytree(good, flipped)
     for path in glob.glob(f"{flipped}/checkpoints/3/state/ocdbt.process_0/d/*"):
-        _flip(path)
+        _flip_all(path)
     assert restore_for_eval(config, workdir=flipped,
                             mesh=sharding.create_mesh(jax.devices()[:1])).step == 2
     with pytest.raises(NoVerifiedCheckpointError,
@@ -221,7 +227,7 @@ def test_eval_with_an_explicit_damaged_checkpoint_stops_with_one_line(tiny_data_
     trainer.train_and_evaluate(config, str(tmp_path))
     # Every data file: evaluation reads only the model's arrays, wherever orbax put them.
     for path in glob.glob(f"{tmp_path}/checkpoints/1/state/ocdbt.process_0/d/*"):
-        _flip(path)
+        _flip_all(path)
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "eval.py"), "--config", "tests/tiny.py",
          f"--checkpoint={tmp_path}/checkpoints/1", f"--config.data.data_dir={tiny_data_dir}",

@@ -1,15 +1,16 @@
 """Two real train.py processes on localhost (2 CPU devices each, gloo) agree: with one process,
 on a preemption notice that reached only one of them (in the loop, and before a resumed run's
 first step), and on the step to fall back to from a damaged checkpoint; the run, stopped and
-resumed through all of these, is bitwise equal to a straight one at the step it stops. Also the single-process case
-of a SIGTERM during the final validation.
+resumed through all of these, is bitwise equal to a straight one at the step it stops. Also the
+single-process case of a SIGTERM during the final validation.
 
 Every launch of two processes costs tens of seconds, so one straight run (on local disk) serves
 the agreement with one process and the final comparison, and one other run goes through the
 notices and the damaged step in two launches: stopped by a notice in the loop, then resumed
-past its damaged last step with a notice before the restore. That run's workdir is in a bucket of the local Cloud
-Storage server (the `gcs` fixture): the pod case, hosts that share nothing but the bucket, which
-covers issue 24's two-process preemption with a gs:// workdir in the same launches.
+past its damaged last step with a notice before the restore. That run's workdir is in a bucket
+of the local Cloud Storage server (the `gcs` fixture): the pod case, hosts that share nothing but
+the bucket, which covers issue 24's two-process preemption with a gs:// workdir in the same
+launches.
 
 A save that fails on one process only (a full disk, tests/enospc_train.py) stops both processes
 at the same step, each with one FATAL line naming the step to resume from, long before orbax's
