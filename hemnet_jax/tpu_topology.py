@@ -25,6 +25,10 @@ HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
 _2D = ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
 _3D = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16")
 SLICES = {"v4": _3D, "v5e": _2D, "v5p": _3D, "v6e": _2D}
+# v4 and v5p chips have two TensorCores that JAX drives as one device (megacore), as on a TPU VM;
+# libtpu's compile-only topology of v4 otherwise has a device per TensorCore (8 for v4:2x2x1,
+# whose two halves of a chip would then be planned as two chips against one chip's HBM).
+CHIP_CONFIG = {"v4": "megacore", "v5p": "megacore"}
 KNOWN_TOPOLOGIES = tuple(f"{gen}:{shape}" for gen, shapes in SLICES.items() for shape in shapes)
 LIBTPU_REQUIREMENT = "libtpu==0.0.42.*"  # the version jax[tpu] 0.10.2 pins
 INSTALL_HINT = (
@@ -117,10 +121,15 @@ def compile_only_devices(topology: Topology) -> list[jax.Device]:
             desc = topologies.get_topology_desc(
                 topology_name=topology.name, platform="tpu",
                 chips_per_host_bounds=list(topology.chips_per_host_bounds),
+                **({"chip_config_name": CHIP_CONFIG[topology.generation]}
+                   if topology.generation in CHIP_CONFIG else {}),
             )
         except Exception as e:
             raise RuntimeError(f"libtpu could not build {topology.name}: {e}\n"
                                f"{captured.read()}") from e
+    if len(desc.devices) != topology.chips:  # one JAX device per chip, as on the slice itself
+        raise RuntimeError(f"libtpu built {len(desc.devices)} devices for {topology.name}, "
+                           f"which has {topology.chips} chips.")
     return list(desc.devices)
 
 

@@ -178,6 +178,31 @@ def test_topologies_chips_hosts_and_hbm():
         tpu_topology.parse_topology("v9:2x2")
 
 
+_DEVICES_SCRIPT = """
+import json, sys
+from hemnet_jax import tpu_topology
+out = {}
+for name in sys.argv[1:]:
+    devices = tpu_topology.compile_only_devices(tpu_topology.parse_topology(name))
+    out[name] = [len(devices), len({d.process_index for d in devices}),
+                 len({tuple(d.coords) for d in devices})]
+print(json.dumps(out))
+"""
+
+
+def test_compile_only_devices_are_one_per_chip():
+    """A device per chip for every generation, as JAX has on the slice: v4's and v5p's two
+    TensorCores per chip as one (megacore; libtpu's default for v4 is a device per core)."""
+    names = ("v4:2x2x1", "v4:2x2x4", "v5p:2x2x1", "v5e:2x4", "v5e:4x4", "v6e:2x4")
+    done = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, *names], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in names:
+        t = tpu_topology.parse_topology(name)
+        assert found[name] == [t.chips, t.hosts, t.chips], name
+
+
 HLO = """\
 HloModule m
 
