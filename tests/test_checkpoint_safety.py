@@ -221,22 +221,23 @@ def test_a_failed_read_leaves_no_read_behind(tmp_path):
         result.stderr[-3000:])
 
 
-@pytest.mark.heavy(seconds=30)
-def test_eval_with_an_explicit_damaged_checkpoint_stops_with_one_line(tiny_data_dir, tmp_path):
-    config = _config(tiny_data_dir, num_steps=1, checkpoint_every=1)
-    trainer.train_and_evaluate(config, str(tmp_path))
+@pytest.mark.heavy(seconds=20)
+def test_eval_with_an_explicit_damaged_checkpoint_stops_with_one_line(tiny_data_dir, tiny_run,
+                                                                     tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)  # its only checkpoint: step 2
     # Every data file: evaluation reads only the model's arrays, wherever orbax put them.
-    for path in glob.glob(f"{tmp_path}/checkpoints/1/state/ocdbt.process_0/d/*"):
+    for path in glob.glob(f"{run}/checkpoints/2/state/ocdbt.process_0/d/*"):
         _flip_all(path)
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "eval.py"), "--config", "tests/tiny.py",
-         f"--checkpoint={tmp_path}/checkpoints/1", f"--config.data.data_dir={tiny_data_dir}",
+         f"--checkpoint={run}/checkpoints/2", f"--config.data.data_dir={tiny_data_dir}",
          "--config.eval.max_batches=1"],
         capture_output=True, text=True, cwd=REPO, env=_subprocess_env(1), timeout=300,
     )
     assert result.returncode == 1
     fatal = [x for x in result.stderr.splitlines() if x.startswith("FATAL:")]
-    assert len(fatal) == 1 and re.search(r"step 1: (digest mismatch in|its state cannot be "
+    assert len(fatal) == 1 and re.search(r"step 2: (digest mismatch in|its state cannot be "
                                          "read)", fatal[0]), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
