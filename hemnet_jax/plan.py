@@ -56,12 +56,13 @@ class BadFlagError(ValueError, UserError):
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     """One compiled step, per chip: the compiler's memory analysis (bytes), its cost analysis
-    (FLOPs of one execution) and the collectives of its optimised HLO."""
+    (FLOPs of one execution) and the collectives of its optimised HLO. A step the compiler
+    refused for want of memory has `refused` (its message) and no figures (None)."""
 
-    argument_bytes: int
-    output_bytes: int
-    temp_bytes: int
-    total_bytes: int  # arguments + outputs + temporaries - aliased (donated) buffers
+    argument_bytes: int | None
+    output_bytes: int | None
+    temp_bytes: int | None
+    total_bytes: int | None  # arguments + outputs + temporaries - aliased (donated) buffers
     flops_per_step: float | None  # None: the compiler gave no cost analysis
     compile_s: float
     fits: bool
@@ -69,20 +70,33 @@ class StepPlan:
     per_chip_batch: int
     collectives: dict[str, compiled_hlo.Collective]
     hlo: str = dataclasses.field(repr=False, compare=False)
+    refused: str | None = None
 
     def json(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in (
             "argument_bytes", "output_bytes", "temp_bytes", "total_bytes", "flops_per_step",
-            "compile_s", "fits", "global_batch", "per_chip_batch")}
+            "compile_s", "fits", "global_batch", "per_chip_batch", "refused")}
         out["collectives"] = {k: dataclasses.asdict(v) for k, v in self.collectives.items()}
         return out
 
 
 def compile_step(jitted: Any, args: tuple, *, hbm_bytes: int, global_batch: int,
                  per_chip_batch: int) -> StepPlan:
-    """Lowers and compiles `jitted` for abstract `args` (their shardings name the devices)."""
+    """Lowers and compiles `jitted` for abstract `args` (their shardings name the devices).
+    Far beyond the HBM, the TPU compiler refuses the program (RESOURCE_EXHAUSTED) instead of
+    reporting its size: a step that does not fit, with the compiler's message."""
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    try:
+        compiled = jitted.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        message = str(e).splitlines()[0].split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+        return StepPlan(
+            argument_bytes=None, output_bytes=None, temp_bytes=None, total_bytes=None,
+            flops_per_step=None, compile_s=round(time.perf_counter() - start, 1), fits=False,
+            global_batch=global_batch, per_chip_batch=per_chip_batch, collectives={}, hlo="",
+            refused=message)
     seconds = time.perf_counter() - start
     flops, total = report.compiled_cost(compiled)
     if not compiled.cost_analysis():  # the GPU compiler without a device gives none
@@ -235,8 +249,10 @@ def slice_reductions(plan: StepPlan, chips: int) -> dict[str, tuple[int, int]]:
 # The report.
 
 
-def _gib(n: float) -> str:
-    """Bytes in GiB, or MiB below 0.1 GiB."""
+def _gib(n: float | None) -> str:
+    """Bytes in GiB, or MiB below 0.1 GiB; "-" for None (a step the compiler refused)."""
+    if n is None:
+        return "-"
     return f"{n / GIB:.2f} GiB" if abs(n) >= 0.1 * GIB else f"{n / 2**20:.1f} MiB"
 
 
@@ -274,11 +290,15 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan | 
             "arguments", "outputs", "temporaries", "total", "headroom", "fits")),
     ]
     for name, p, _ in steps:
+        headroom = None if p.total_bytes is None else hbm - p.total_bytes
         lines.append(f"{name + ' step':<12}" + "".join(f"{c:>13}" for c in (
             _gib(p.argument_bytes), _gib(p.output_bytes), _gib(p.temp_bytes),
-            _gib(p.total_bytes), _gib(hbm - p.total_bytes), "yes" if p.fits else "NO")))
+            _gib(p.total_bytes), _gib(headroom), "yes" if p.fits else "NO")))
     lines += ["(total = arguments + outputs + temporaries - donated buffers reused as outputs)", ""]
     for name, p, d in steps:
+        if p.refused:
+            lines.append(f"The compiler refused the {name} step: {p.refused}")
+            continue
         if p.flops_per_step is None:
             lines.append(f"FLOPs, {name} step: not given by this compiler; models.report's "
                          f"dense conv count of one forward at that size: {_flops(d)}FLOPs.")
@@ -291,7 +311,8 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan | 
     lines.append("")
     for name, p, _ in steps:
         parts = [f"{k} {v.count} ({_gib(v.bytes)})" for k, v in p.collectives.items()]
-        lines.append(f"Collectives per {name} step, per chip: {', '.join(parts) or 'none'}.")
+        if not p.refused:
+            lines.append(f"Collectives per {name} step, per chip: {', '.join(parts) or 'none'}.")
     if "process_shares" in extra:
         shares, ok = extra["process_shares"], result["input"]["matches_sharding"]
         lines.append(
@@ -304,8 +325,11 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan | 
     lines.append("Compile time on this machine: " + ", ".join(
         f"{name} {p.compile_s:.1f} s" for name, p, _ in steps) + ".")
     if result["max_global_batch"] is not None:
+        probes = ", ".join(f"{b} {'fits' if ok else 'does not'}"
+                           for b, ok in sorted(result["batches_compiled"].items()))
         lines.append(f"Largest global batch whose train step fits: {result['max_global_batch']} "
-                     f"({result['max_global_batch'] // result['chips']} per chip).")
+                     f"({result['max_global_batch'] // result['chips']} per chip; compiled: "
+                     f"{probes}).")
     return "\n".join(lines)
 
 
@@ -349,16 +373,17 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
     if not train_only:
         log("Compiling the eval step...")
         evaluation = planner.eval()
-    max_global = None
+    max_global, probes = None, {train.global_batch: train.fits}
     if max_batch:
         log("Searching the largest global batch that fits (one compile per probe)...")
-        max_global, _ = planner.largest_fitting_batch({train.global_batch: train.fits})
+        max_global, _ = planner.largest_fitting_batch(probes)
     result = {
         "topology": topology.name, "chips": topology.chips, "hosts": topology.hosts,
         "global_batch": train.global_batch, "per_chip_batch": train.per_chip_batch,
         "hbm_bytes_per_chip": hbm,
         "train": train.json(), "eval": evaluation and evaluation.json(),
         "max_global_batch": max_global,
+        "batches_compiled": probes,  # global batch -> fits: this batch and the search's probes
     }
     _, _, canvas = planner.eval_canvas()
     extra = {
@@ -383,14 +408,13 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, *, max_batch: bo
     }
     if topology.hosts > 1:
         extra["process_shares"] = shares
-    if topology.chips > 1:
+    if topology.chips > 1 and not train.refused:
         extra["reductions"] = slice_reductions(train, topology.chips)
         result["train"]["slice_reductions"] = {
             k: {"found": f, "all_reduced": r} for k, (f, r) in extra["reductions"].items()}
     text = format_plan(result, train, evaluation, extra)
     if not train.fits and not max_batch:
-        result["max_global_batch"], _ = planner.largest_fitting_batch(
-            {train.global_batch: False})
+        result["max_global_batch"], _ = planner.largest_fitting_batch(probes)
     return result, text
 
 
@@ -400,7 +424,6 @@ def fit_error(result: dict[str, Any], config: ml_collections.ConfigDict) -> str 
     train, evaluation = result["train"], result["eval"]
     where = f"on {result['topology']} ({_gib(hbm)} HBM per chip)"
     if not train["fits"]:
-        over = _gib(train["total_bytes"] - hbm)
         best = result["max_global_batch"]
         fix = (f"the largest global batch that fits is {best}: pass "
                f"--config.train.batch_size={best}" if best else
@@ -408,13 +431,20 @@ def fit_error(result: dict[str, Any], config: ml_collections.ConfigDict) -> str 
                "--config.model.dtype=bfloat16, --config.model.remat=True or a smaller "
                "data.crop_size")
         return (f"train.batch_size={train['global_batch']} does not fit {where}: the train step "
-                f"needs {_gib(train['total_bytes'])} per chip, {over} more; {fix}.")
+                f"{_shortfall(train, hbm)}; {fix}.")
     if evaluation and not evaluation["fits"]:
-        over = _gib(evaluation["total_bytes"] - hbm)
         key = ("eval.batch_size" if config.eval.padding == "fixed" else "data.eval_pad_size")
-        return (f"The eval step does not fit {where}: it needs {_gib(evaluation['total_bytes'])} "
-                f"per chip, {over} more; lower {key}.")
+        return f"The eval step does not fit {where}: it {_shortfall(evaluation, hbm)}; lower {key}."
     return None
+
+
+def _shortfall(step: dict[str, Any], hbm: int) -> str:
+    """What a step that does not fit needs (its JSON entry): the bytes, or the compiler's
+    refusal."""
+    if step["refused"]:
+        return f"was refused by the compiler ({step['refused'].rstrip('.')})"
+    return (f"needs {_gib(step['total_bytes'])} per chip, {_gib(step['total_bytes'] - hbm)} "
+            "more")
 
 
 def main(argv: list[str]) -> None:

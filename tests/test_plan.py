@@ -7,11 +7,12 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
-from hemnet_jax import accelerators, compiled_hlo, tpu_topology
+from hemnet_jax import accelerators, compiled_hlo, plan, tpu_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -134,6 +135,27 @@ def test_multi_host_plan_from_one_process(tmp_path):
     assert "all-reduced over the 16 chips" in result.stdout
 
 
+@pytest.mark.heavy(seconds=15)
+def test_a_step_the_compiler_refuses_does_not_fit(tmp_path):
+    """Far beyond the HBM (one 8192 x 8192 crop per chip), libtpu refuses the program with
+    RESOURCE_EXHAUSTED instead of sizing it: the plan reports a step that does not fit, with the
+    compiler's words, in its text, its JSON and one FATAL line, and no figures it does not have."""
+    path = tmp_path / "refused.json"
+    result = _plan("--topology", "v5e:2x4", "--config.data.crop_size=8192",
+                   "--config.data.allow_large_crop=True", "--train_only", json_path=path)
+    fatal = _fatal(result)
+    train = json.loads(path.read_text())["train"]
+    assert train["fits"] is False and train["refused"].startswith("Ran out of memory"), train
+    assert train["total_bytes"] is None and train["flops_per_step"] is None
+    assert "exceeds available HBM" in train["refused"]
+    assert f"The compiler refused the train step: {train['refused']}" in result.stdout
+    assert fatal.startswith("FATAL: train.batch_size=8 does not fit on v5e:2x4 (16.00 GiB HBM "
+                            "per chip): the train step was refused by the compiler (Ran out of")
+    assert fatal.endswith("not even one image per chip fits: use a chip with more HBM, "
+                          "--config.model.dtype=bfloat16, --config.model.remat=True or a smaller "
+                          "data.crop_size.")
+
+
 # ---------------------------------------------------------------------------------------------
 # FATAL lines before any compile (seconds).
 
@@ -176,6 +198,36 @@ def test_topologies_chips_hosts_and_hbm():
     assert tpu_topology.parse_topology("v5e:4x4").hosts == 4
     with pytest.raises(tpu_topology.UnknownTopologyError, match="Known: v4:2x2x1"):
         tpu_topology.parse_topology("v9:2x2")
+
+
+class _KnownLimit(plan.Planner):
+    """The search alone: a train step fits up to `limit` images per chip; no compiler."""
+
+    def __init__(self, chips: int, limit: int):
+        self._chips, self.limit, self.compiled = chips, limit, []
+
+    @property
+    def chips(self) -> int:
+        return self._chips
+
+    def train(self, global_batch: int):
+        self.compiled.append(global_batch)
+        return types.SimpleNamespace(fits=global_batch // self._chips <= self.limit)
+
+
+@pytest.mark.parametrize("known, limit, largest, compiled", [
+    ({64: True}, 11, 88, [128, 96, 80, 88]),  # doubles once, then bisects 8..16 per chip
+    ({64: True}, 8, 64, [128, 96, 80, 72]),
+    ({16: False}, 1, 8, [8]),  # a batch that does not fit: the search below it
+    ({16: False}, 0, None, [8]),  # not even one image per chip
+    ({8: True}, 4096, 8 * 4096, [16 * 2**k for k in range(12)]),  # stops doubling at the cap
+])
+def test_largest_fitting_batch_doubles_then_bisects(known, limit, largest, compiled):
+    planner = _KnownLimit(chips=8, limit=limit)
+    probes = dict(known)
+    assert planner.largest_fitting_batch(probes) == (largest, len(compiled))
+    assert planner.compiled == compiled
+    assert probes == {**known, **{b: b // 8 <= limit for b in compiled}}
 
 
 _DEVICES_SCRIPT = """
