@@ -7,8 +7,9 @@ finished row. Rows whose JSON exists are skipped (delete it to redo one).
 
   python benchmarks/plan_table.py --run [--rows voc_v5e8,emanet_v5e8]   # compile (minutes each)
   python benchmarks/plan_table.py                                       # print the Markdown table
-  python benchmarks/plan_table.py --mfu 0.4 --input_pipeline benchmarks/results/input_pipeline.json
+  python benchmarks/plan_table.py --mfu 0.4 --input_pipeline benchmarks/plans/input_pipeline.json
       # and what each host must feed at that (assumed) MFU, against the measured tf.data rate
+  python benchmarks/plan_table.py --readme   # writes the three tables into benchmarks/README.md
 
 The host-side figures are estimates: the compiled FLOPs per image, an assumed MFU of the chip's
 peak dense bf16 FLOP/s (`train_step.PEAK_TFLOPS`), and `input_pipeline.py`'s examples/s on one
@@ -224,6 +225,37 @@ def host_feed(mfu: float, per_core: float | None) -> str:
     return "\n".join(lines)
 
 
+README = Path(__file__).resolve().parent / "README.md"
+MFU = 0.4  # the assumed MFU of README's host-feed table
+INPUT_PIPELINE = PLANS_DIR / "input_pipeline.json"
+
+
+def per_core_rate(path: Path) -> float:
+    """input_pipeline.py's examples/s with one thread: the rate of one host core."""
+    rows = json.loads(path.read_text())["results"]
+    return next(r["examples_per_s_per_core"] for r in rows if r["threads"] == 1)
+
+
+def write_readme(readme: Path = README) -> None:
+    """Replaces `readme`'s blocks between `<!-- plan-table -->`, `<!-- plan-sweep -->` and
+    `<!-- plan-host -->` and their closing markers with the tables of the JSONs."""
+    text = readme.read_text()
+    per_core = per_core_rate(INPUT_PIPELINE)
+    blocks = {
+        "plan-table": render(),
+        "plan-sweep": sweep_table(),
+        "plan-host": (f"tf.data, one thread: {per_core} examples/s per core "
+                      f"({INPUT_PIPELINE.relative_to(ROOT)})\n\nEstimates at an assumed MFU "
+                      f"of {MFU:.0%}:\n\n{host_feed(MFU, per_core)}"),
+    }
+    for marker, block in blocks.items():
+        start, end = f"<!-- {marker} -->\n", f"\n<!-- /{marker} -->"
+        head, rest = text.split(start)
+        _, tail = rest.split(end)
+        text = head + start + block + end + tail
+    readme.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", action="store_true", help="compile the rows without a JSON")
@@ -232,17 +264,22 @@ def main(argv: list[str] | None = None) -> None:
                    help="also estimate what each host must feed at this MFU (e.g. 0.4)")
     p.add_argument("--input_pipeline", default=None,
                    help="input_pipeline.py's JSON: its 1-thread examples/s is the rate per core")
+    p.add_argument("--readme", action="store_true",
+                   help="write the tables (host feed at MFU 0.4) into benchmarks/README.md")
     args = p.parse_args(argv)
     if args.run:
         run([n for n in args.rows.split(",") if n])
+    if args.readme:
+        write_readme()
+        print(f"Wrote the tables into {README}.")
+        return
     print(render())
     print("\nHEM against EM (configs/voc.py and its :emanet variant), train step:\n")
     print(sweep_table())
     if args.mfu:
         per_core = None
         if args.input_pipeline:
-            rows = json.loads(Path(args.input_pipeline).read_text())["results"]
-            per_core = next(r["examples_per_s_per_core"] for r in rows if r["threads"] == 1)
+            per_core = per_core_rate(Path(args.input_pipeline))
             print(f"\ntf.data, one thread: {per_core} examples/s per core ({args.input_pipeline})")
         print(f"\nEstimates at an assumed MFU of {args.mfu:.0%}:\n")
         print(host_feed(args.mfu, per_core))

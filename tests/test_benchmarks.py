@@ -3,6 +3,7 @@
 so the timings compare the same function."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accelerator_check  # noqa: E402
 import hem_unit  # noqa: E402
+import plan_table  # noqa: E402
 import torch_reference  # noqa: E402
 import train_step  # noqa: E402
 
@@ -213,3 +215,14 @@ def test_torch_reference_rejects_an_unknown_backbone():
     m.backbone = "resnet34"
     with pytest.raises(ValueError, match=r"'resnet34'.*resnet101"):
         torch_reference.model_from_config(m, 3)
+
+
+def test_compiled_tables_in_the_readme_are_the_jsons(tmp_path):
+    """benchmarks/README.md's compiled-plan, HEM/EM and host-feed tables are what
+    `plan_table.py --readme` writes from benchmarks/plans/*.json, row for row."""
+    copy = tmp_path / "README.md"
+    shutil.copy(plan_table.README, copy)
+    plan_table.write_readme(copy)
+    assert copy.read_text() == plan_table.README.read_text()
+    names = [p.stem for p in plan_table.PLANS_DIR.glob("*.json") if p.stem in plan_table.ROWS]
+    assert len(names) > 30 and all(f"| {name} |" in copy.read_text() for name in names)
