@@ -310,9 +310,10 @@ def format_plan(result: dict[str, Any], train: StepPlan, evaluation: StepPlan | 
             f"forward at that size: {_flops(d)}FLOPs ({per_image / d:.2f}x).")
     lines.append("")
     for name, p, _ in steps:
+        if p.refused:  # no HLO: the compiler refused it (above)
+            continue
         parts = [f"{k} {v.count} ({_gib(v.bytes)})" for k, v in p.collectives.items()]
-        if not p.refused:
-            lines.append(f"Collectives per {name} step, per chip: {', '.join(parts) or 'none'}.")
+        lines.append(f"Collectives per {name} step, per chip: {', '.join(parts) or 'none'}.")
     if "process_shares" in extra:
         shares, ok = extra["process_shares"], result["input"]["matches_sharding"]
         lines.append(
