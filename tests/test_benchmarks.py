@@ -101,7 +101,7 @@ def test_peak_table():
 
 @pytest.mark.parametrize("variant", ["hem", "em"])
 @pytest.mark.parametrize("module", ["unit", "head"])
-def test_torch_reference_matches_jax(module, variant):
+def test_torch_reference_matches_jax(module, variant, default_cpu_emitters):
     """Training-mode forward, updated bases, and gradients w.r.t. input and a conv kernel."""
     args = hem_unit.parse_args(["--quick"])
     point = {"side": 5, "k": 4, "c": 8, "t": 3, "batch": 2}

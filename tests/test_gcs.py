@@ -140,8 +140,20 @@ def bucket_run(gcs, tiny_data_dir, bucket_data_dir, tmp_path_factory):
     return workdir, cwd, contender, resumed, _restore(local, config=config), config
 
 
-@pytest.mark.heavy(seconds=120)
-def test_training_in_a_bucket_resumes_exactly_and_falls_back(bucket_run, tmp_path):
+@pytest.mark.heavy(seconds=150)
+def test_training_in_a_bucket_then_evaluating_it(bucket_run, gcs, bucket_data_dir, tmp_path):
+    """One run in the bucket (`bucket_run`, module-scoped but used here alone: xdist would build
+    it once per worker) serves both checks: the training's, then evaluation and prediction from
+    the bucket's checkpoint."""
+    for name in ("training", "evaluation"):
+        (tmp_path / name).mkdir()
+    _check_training(bucket_run, tmp_path / "training")
+    _check_evaluation(bucket_run, gcs, bucket_data_dir, tmp_path / "evaluation")
+
+
+def _check_training(bucket_run, tmp_path):
+    """Refusal, takeover of the stale lock, everything in the bucket, exact resumption, and a
+    fallback past damaged steps (in a copy of the run)."""
     workdir, cwd, contender, resumed, straight, config = bucket_run
     # A second run on the same workdir was refused in one line while the first ran.
     line = _fatal_line(contender)
@@ -204,30 +216,7 @@ def _fallback(workdir, config, quarantine=False):
                         config, fallback=True, quarantine=quarantine)
 
 
-@pytest.mark.heavy(seconds=20)
-def test_bucket_mistakes_end_in_one_line(gcs, tiny_data_dir, tmp_path):
-    """A missing bucket, an unreachable server: one FATAL line naming the key, no traceback."""
-    cmd = _train_cmd("gs://no-such-bucket/run", tiny_data_dir)
-    line = _fatal_line(subprocess.run(cmd, capture_output=True, text=True, env=bucket_env(gcs),
-                                      cwd=REPO, timeout=120))
-    assert "--workdir gs://no-such-bucket/run" in line and "does not exist" in line, line
-    env = bucket_env(gcs)
-    env[storage.EMULATOR_VARIABLE] = f"http://127.0.0.1:{_closed_port()}"
-    line = _fatal_line(subprocess.run(_train_cmd(f"gs://{BUCKET}/x", tiny_data_dir),
-                                      capture_output=True, text=True, env=env, cwd=REPO,
-                                      timeout=120))
-    assert "--workdir" in line and "cannot reach" in line, line
-
-
-def _closed_port() -> int:
-    from tests.gcs_server import free_port
-
-    return free_port()
-
-
-@pytest.mark.heavy(seconds=45)
-def test_evaluation_and_prediction_from_a_bucket_workdir(bucket_run, gcs, bucket_data_dir,
-                                                         tmp_path):
+def _check_evaluation(bucket_run, gcs, bucket_data_dir, tmp_path):
     """eval.py writes its JSON into the bucket; the same evaluation in-process into a local
     folder agrees; the gradient study and predict read the bucket's checkpoint."""
     from PIL import Image
@@ -269,6 +258,27 @@ def test_evaluation_and_prediction_from_a_bucket_workdir(bucket_run, gcs, bucket
     segment = predict.make_segmenter(restored.model, restored.variables, config)
     [(mask, _)] = predict.predict_folder(segment, images, tmp_path / "masks")
     assert np.asarray(Image.open(mask)).shape == (40, 48)
+
+
+@pytest.mark.heavy(seconds=20)
+def test_bucket_mistakes_end_in_one_line(gcs, tiny_data_dir, tmp_path):
+    """A missing bucket, an unreachable server: one FATAL line naming the key, no traceback."""
+    cmd = _train_cmd("gs://no-such-bucket/run", tiny_data_dir)
+    line = _fatal_line(subprocess.run(cmd, capture_output=True, text=True, env=bucket_env(gcs),
+                                      cwd=REPO, timeout=120))
+    assert "--workdir gs://no-such-bucket/run" in line and "does not exist" in line, line
+    env = bucket_env(gcs)
+    env[storage.EMULATOR_VARIABLE] = f"http://127.0.0.1:{_closed_port()}"
+    line = _fatal_line(subprocess.run(_train_cmd(f"gs://{BUCKET}/x", tiny_data_dir),
+                                      capture_output=True, text=True, env=env, cwd=REPO,
+                                      timeout=120))
+    assert "--workdir" in line and "cannot reach" in line, line
+
+
+def _closed_port() -> int:
+    from tests.gcs_server import free_port
+
+    return free_port()
 
 
 @pytest.mark.heavy(seconds=30)

@@ -101,7 +101,7 @@ def _saturated_clusters(n=24, k=4, c=6, scale=40.0, seed=4):
 
 
 @pytest.mark.parametrize("eta", [0.1, 0.4, 0.8, 1.0])
-def test_n_step_profile_is_eq18_when_gamma_is_fixed_across_layers(x64, eta):
+def test_n_step_profile_is_eq18_when_gamma_is_fixed_across_layers(x64, eta, default_cpu_emitters):
     x, mu0 = _saturated_clusters()
     _, loss_fn = _loss(x.shape)
     kw = dict(num_iters=5, step_size=eta, temperature=1.0)
