@@ -148,7 +148,7 @@ def test_torch_reference_matches_jax(module, variant, default_cpu_emitters):
     np.testing.assert_allclose(unit_t.mu.numpy(), bases, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.heavy(seconds=50)
+@pytest.mark.heavy(seconds=20)
 @pytest.mark.parametrize("stem", ["deep", "torchvision"])
 def test_torch_hemnet_matches_jax(stem):
     """The whole PyTorch network (dilated ResNet + head, `model_from_config`), run in float64 on
