@@ -68,7 +68,7 @@ def test_eight_devices_equal_one(setup):
     config, model, batches = setup
     initial, step1 = _stepper(config, model, jax.devices()[:1])
     _, step8 = _stepper(config, model, jax.devices())
-    state = initial  # both steps start from the same state (the 8-device one's is the same)
+    state = initial  # both steps start from this (1-device) state
     for batch in batches:
         state1, metrics1 = step1(state, batch)
         state8, metrics8 = step8(state, batch)

@@ -71,22 +71,26 @@ def mean_bases_norm(bases: PyTree) -> jax.Array:
 # Creation and abstract shapes.
 
 
-def _initializer(model, tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
+def _model_variables(model, key: jax.Array) -> dict[str, PyTree]:
     dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)  # parameter shapes do not depend on H, W
+    return model.init({"params": key, "dropout": key}, dummy, train=False)
 
-    def init(key: jax.Array) -> TrainState:
-        variables = model.init({"params": key, "dropout": key}, dummy, train=False)
-        return TrainState.create(dict(variables), tx.init(variables["params"]))
 
-    return init
+def _new_state(variables: dict[str, PyTree], tx: optax.GradientTransformation) -> TrainState:
+    return TrainState.create(dict(variables), tx.init(variables["params"]))
+
+
+def _initializer(model, tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
+    return lambda key: _new_state(_model_variables(model, key), tx)
 
 
 @functools.lru_cache(maxsize=16)
 def variable_shapes(model) -> dict[str, PyTree]:
     """The shapes and dtypes of `model.init`'s variables, traced once per model config (flax
     modules compare and hash by their fields): the optimiser, the abstract state and every
-    restore need them, and tracing the model's init costs ~0.3 s a time."""
-    return jax.eval_shape(_initializer(model, optax.identity()), jax.random.PRNGKey(0)).variables
+    restore need them, and tracing the model's init costs ~0.3 s a time. The same dict is
+    returned to every caller: read it, do not modify it."""
+    return jax.eval_shape(functools.partial(_model_variables, model), jax.random.PRNGKey(0))
 
 
 def optimizer_for(
@@ -102,9 +106,7 @@ def abstract_state(
     model, tx: optax.GradientTransformation, mesh: Mesh, rule: str = "replicated"
 ) -> TrainState:
     """The state's shapes, dtypes and shardings (`train.state_sharding`), without computing it."""
-    abstract = jax.eval_shape(
-        lambda v: TrainState.create(v, tx.init(v["params"])), variable_shapes(model)
-    )
+    abstract = jax.eval_shape(lambda v: _new_state(v, tx), variable_shapes(model))
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract,
