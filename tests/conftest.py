@@ -36,6 +36,11 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 
 import pytest  # noqa: E402  (after the environment is set)
 
+from hemnet_jax import cli  # noqa: E402  (neither JAX nor TensorFlow: the controller loads it)
+
+# As every program does at its start (hemnet_jax/cli.py): the workers trace hundreds of programs.
+cli.collect_garbage_less_often()
+
 
 def pytest_collection_modifyitems(items):
     """Tests marked `heavy` (real training runs, subprocesses: tens of seconds each) first, so
