@@ -19,7 +19,7 @@ import os
 from absl import flags
 
 from hemnet_jax import cli, config_check, storage
-from hemnet_jax.data import datasets, tf_devices
+from hemnet_jax.data import datasets
 
 
 def define_flags() -> None:
@@ -39,9 +39,9 @@ def check_command_line(argv: list[str]) -> None:
 
 if __name__ == "__main__":  # a mistake ends here, before JAX and TensorFlow load (3-8 s)
     cli.parse_command_line(define_flags, check_command_line)
-    tf_devices.tensorflow()  # loaded here without its start-up notices (clu and TFDS use it)
 
-import jax  # noqa: E402  (the imports below load JAX and TensorFlow)
+# JAX loads here; TensorFlow (tf.data, TFDS) once main's checks have passed (prepare_data).
+import jax  # noqa: E402
 
 from hemnet_jax.evaluation import runner  # noqa: E402
 from hemnet_jax.training import checkpointing, sharding, state  # noqa: E402

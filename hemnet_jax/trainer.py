@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh
 
 from hemnet_jax import _compat, storage
@@ -106,7 +105,10 @@ def train_and_evaluate(
 def _train_and_evaluate(config, workdir, mesh, stop_after) -> TrainState:
     mesh = sharding.create_mesh() if mesh is None else mesh
     info = datasets.get_dataset_info(config.data.name)
-    prepare_data(config)
+    prepare_data(config)  # loads TensorFlow
+    # clu imports TensorFlow at import: here, after prepare_data, not when train.py starts.
+    from clu import metric_writers, periodic_actions
+
     num_steps = config.train.num_steps
     model = create_model(config.model, info.num_classes)
 

@@ -13,7 +13,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hemnet_jax.data import datasets, pipeline, prepare
+from hemnet_jax.data import datasets, pipeline, prepare, tf_devices
 from hemnet_jax.training import sharding
 
 
@@ -24,7 +24,12 @@ def data_dirs(config: ml_collections.ConfigDict) -> dict[str, str | None]:
 
 def prepare_data(config: ml_collections.ConfigDict) -> None:
     """Builds the dataset if it is not built yet: process 0 first, then (where hosts do not share
-    the data_dir) each other process, so no two processes build into one folder at once."""
+    the data_dir) each other process, so no two processes build into one folder at once.
+
+    TensorFlow (TFDS's and tf.data's) loads here, quietly and kept off accelerators: training and
+    evaluation call this once their checks have passed, so a run that stops at a mistake or at
+    a held workdir lock never waits for it (3-8 s)."""
+    tf_devices.tensorflow()
     if jax.process_index() == 0:
         prepare.prepare_dataset(config.data.name, **data_dirs(config))
     if jax.process_count() > 1:
