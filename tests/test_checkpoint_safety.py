@@ -23,6 +23,7 @@ from hemnet_jax.training.checkpointing import Checkpointer, NoVerifiedCheckpoint
 from hemnet_jax.training.state import abstract_state, optimizer_for, restore_for_eval
 from hemnet_jax.training.workdir_lock import LOCK_NAME, WorkdirLockedError, workdir_lock
 from tests.test_train import REPO, _config, _subprocess_env, _train_cmd
+from tests.test_user_errors import _imported
 
 
 def _biggest_data_file(step_dir: str) -> str:
@@ -251,12 +252,16 @@ def test_one_writer_per_workdir(tiny_data_dir, tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        result = subprocess.run(_train_cmd(tmp_path, tiny_data_dir), capture_output=True,
+        train = _train_cmd(tmp_path, tiny_data_dir)
+        result = subprocess.run([train[0], "-X", "importtime", *train[1:]], capture_output=True,
                                 text=True, cwd=REPO, env=_subprocess_env(1), timeout=300)
         assert result.returncode == 1
         fatal = [x for x in result.stderr.splitlines() if x.startswith("FATAL:")]
         assert len(fatal) == 1 and f"pid {holder.pid} on host" in fatal[0], result.stderr[-2000:]
         assert not os.path.exists(tmp_path / "checkpoints")  # stopped before any work
+        # Refused once JAX is up, before TensorFlow loads (it loads with the data).
+        imported = _imported(result)
+        assert "jax" in imported and "tensorflow" not in imported
         with pytest.raises(WorkdirLockedError, match=f"pid {holder.pid}"):
             with workdir_lock(str(tmp_path)):
                 pass
